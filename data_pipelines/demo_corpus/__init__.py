@@ -1,0 +1,1 @@
+"""The embedded demo corpus: synthetic multi-speaker, multi-session speech."""

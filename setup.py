@@ -1,0 +1,42 @@
+"""ssps-jax: self-supervised speaker verification with SSPS, in JAX/Flax."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ssps-jax",
+    version="0.1.0",
+    description="JAX/Flax training system for self-supervised speaker verification with "
+    "Self-Supervised Positive Sampling (SSPS)",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ssps_jax", "ssps_jax.*", "data_pipelines", "data_pipelines.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.7",
+        "importlib_resources",  # tensorflow-datasets imports it without declaring it
+        "array-record>=0.7",
+        "grain>=0.2.10",
+        "librosa>=0.10.2",
+        "soundfile>=0.12",
+        "soxr>=0.5",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scipy>=1.12",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scikit-learn>=1.4", "ruff>=0.6"],
+        "tpu": ["jax[tpu]>=0.10"],
+        "cuda": ["jax[cuda12]>=0.10"],
+        "cuda13": ["jax[cuda13]>=0.10"],
+        "bench": ["torch>=2.3"],
+    },
+    entry_points={"console_scripts": ["ssps-jax=ssps_jax.cli:main"]},
+)

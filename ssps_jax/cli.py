@@ -1,0 +1,124 @@
+"""The `ssps-jax` command.
+
+ssps-jax prepare-demo OUT     write the embedded demo corpus (sslsv layout)
+ssps-jax make-csv ROOT        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
+ssps-jax prepare              build the TFDS ArrayRecords of a train CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _prepare_demo(args: argparse.Namespace) -> None:
+    from data_pipelines.demo_corpus import corpus
+
+    spec = corpus.DemoCorpusSpec(seed=args.seed).scaled(args.scale)
+    overrides = {
+        k: v
+        for k, v in {
+            "train_speakers": args.train_speakers,
+            "test_speakers": args.test_speakers,
+            "sessions": args.sessions,
+            "utterances": args.utterances,
+            "min_seconds": args.min_seconds,
+            "max_seconds": args.max_seconds,
+        }.items()
+        if v is not None
+    }
+    spec = dataclasses.replace(spec, **overrides)
+    start = time.time()
+    print(
+        f"writing the demo corpus to {args.out}: {spec.train_speakers} train + {spec.test_speakers} test speakers, "
+        f"{spec.sessions} sessions x {spec.utterances} utterances each, seed {spec.seed}",
+        flush=True,
+    )
+    corpus.write_demo_corpus(args.out, spec, workers=args.workers)
+    print(f"done in {time.time() - start:.0f} s: {args.out}/{corpus.TRAIN_CSV}, {corpus.TEST_CSV}, {corpus.TRIALS}")
+
+
+def _make_csv(args: argparse.Namespace) -> None:
+    root = Path(args.root).resolve()
+    base = Path(args.base_dir).resolve() if args.base_dir else root.parent
+    files = sorted(root.glob(f"*/*/*.{args.ext}"))
+    if not files:
+        raise SystemExit(f"error: no <speaker>/<session>/*.{args.ext} file under {root}")
+    try:
+        rel = [f.relative_to(base).as_posix() for f in files]
+    except ValueError:
+        raise SystemExit(f"error: {root} is not under the base folder {base}") from None
+    with open(args.out, "w") as f:
+        f.write("File,Speaker,Session\n")
+        f.writelines(f"{r},{p.parent.parent.name},{p.parent.name}\n" for r, p in zip(rel, files))
+    print(f"{len(files)} files of {len({p.parent.parent.name for p in files})} speakers -> {args.out}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from data_pipelines import speaker_corpus
+
+    data_dir = args.data_dir or os.path.join(args.base_dir, "tfds")
+    builder = speaker_corpus.prepare(
+        args.csv, args.base_dir, data_dir, name=args.name, min_seconds=args.min_seconds, skip_bad=args.skip_bad
+    )
+    print(f"{builder.info.splits['train'].num_examples} utterances in {builder.data_path}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssps-jax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-demo", help="write the embedded multi-session demo corpus")
+    p.add_argument("out", help="output folder (the corpus base folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of speakers (default 60 + 20)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="synthesis processes")
+    for name, kind in (
+        ("train-speakers", int),
+        ("test-speakers", int),
+        ("sessions", int),
+        ("utterances", int),
+        ("min-seconds", float),
+        ("max-seconds", float),
+    ):
+        p.add_argument(f"--{name}", type=kind, default=None, help="override the (scaled) default")
+    p.set_defaults(fn=_prepare_demo)
+
+    p = sub.add_parser("make-csv", help="write File,Speaker,Session for a <speaker>/<session>/<utt> tree")
+    p.add_argument("root", help="e.g. data/voxceleb2")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-dir", help="paths are written relative to it (default: the parent of ROOT)")
+    p.add_argument("--ext", default="wav")
+    p.set_defaults(fn=_make_csv)
+
+    p = sub.add_parser("prepare", help="build the TFDS ArrayRecord dataset of a train CSV")
+    p.add_argument("--csv", required=True, help="File,Speaker[,Session] CSV")
+    p.add_argument("--base-dir", required=True, help="folder the CSV paths are relative to")
+    p.add_argument("--data-dir", help="TFDS data dir (default: BASE_DIR/tfds)")
+    p.add_argument("--name", help="dataset config name (default: the CSV file name)")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="shorter files are bad input")
+    p.add_argument("--skip-bad", action="store_true", help="prepare the good files, list the bad ones")
+    p.set_defaults(fn=_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data_pipelines.errors import InputError
+
+    try:
+        args.fn(args)
+    except InputError as e:  # bad input: a clear message, not a traceback
+        raise SystemExit(f"error: {e}") from e
+
+
+if __name__ == "__main__":
+    main()
