@@ -1,0 +1,159 @@
+"""The training input pipeline: TFDS ArrayRecords -> grain -> per-process batches.
+
+Order of operations, and why:
+
+  source (N records)
+  .shuffle()                 a new permutation every epoch, from the seed
+  [: S * G]                  S = N // G steps per epoch: the epoch's remainder is
+                             dropped, so every epoch has the same whole steps
+                             (SSPS queue positions depend on the step in epoch)
+  .random_map(examples)      crops + augmentation; grain seeds each record's
+                             generator from (seed, position), so a record's
+                             views do not depend on workers, hosts or resumes
+  .batch(G / P)              sub-batches of consecutive records
+  [p :: P]                   process p takes sub-batch p of every global batch:
+                             global batch b is records [b G, (b+1) G) of the
+                             epoch's permutation on any number of processes
+  .repeat(num_epochs)        epoch e reads positions e S G ... (new shuffle)
+
+G is the global batch, P the number of JAX processes. The iterator's state
+(grain's own, `get_state`/`set_state`, checkpointable with orbax) is a
+position in this sequence, so a restored run sees exactly the batches it
+would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from data_pipelines import augment as augment_lib
+from data_pipelines import crops as crops_lib
+from data_pipelines import speaker_corpus
+from data_pipelines.errors import InputError
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of an experiment config, with sslsv's defaults."""
+    return ml_collections.ConfigDict(
+        {
+            "train_csv": ml_collections.config_dict.placeholder(str),
+            "base_dir": ml_collections.config_dict.placeholder(str),  # CSV paths are relative to it
+            "tfds_dir": "",  # prepared ArrayRecords; "" means <base_dir>/tfds
+            "min_seconds": 0.5,  # shorter files are bad input
+            "skip_bad": False,
+            "crops": dataclasses.asdict(crops_lib.CropConfig()),
+            "augment": {
+                "enabled": True,
+                "noise_dir": "",  # "" means <base_dir>/musan_split
+                "rir_dir": "",  # "" means <base_dir>/simulated_rirs
+                "strategy": "both",
+                "aug_prob": 1.0,
+                "snr_speech": (13.0, 20.0),
+                "snr_music": (5.0, 15.0),
+                "snr_noise": (0.0, 15.0),
+                "count_speech": (1, 1),
+                "count_music": (1, 1),
+                "count_noise": (1, 1),
+            },
+            "workers": 2,  # grain worker processes; 0 reads in the main process
+            "prefetch": 4,  # batches buffered per worker
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExamples(grain.transforms.RandomMap):
+    """Record -> {views..., reference, index}: SPEC section 2 for one utterance."""
+
+    crops: crops_lib.CropConfig
+    augmenter: augment_lib.Augmenter | None
+
+    def random_map(self, record, rng: np.random.Generator):
+        audio = record["audio"].astype(np.float32) / 32768.0
+        out = crops_lib.make_views(audio, self.crops, rng, self.augmenter)
+        out["index"] = np.int32(record["index"])
+        return out
+
+
+def steps_per_epoch(num_records: int, global_batch_size: int) -> int:
+    return num_records // global_batch_size
+
+
+def train_dataset(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    examples: grain.transforms.RandomMap,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> grain.MapDataset:
+    """Per-process batches of `global_batch_size // process_count` examples."""
+    if global_batch_size % process_count:
+        raise InputError(f"global_batch_size {global_batch_size} is not divisible by the {process_count} JAX processes")
+    steps = steps_per_epoch(len(source), global_batch_size)
+    if steps < 1:
+        raise InputError(f"global_batch_size {global_batch_size} is larger than the dataset ({len(source)} records)")
+    ds = grain.MapDataset.source(source).seed(seed).shuffle()
+    ds = ds[: steps * global_batch_size]
+    ds = ds.random_map(examples)
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+    ds = ds[process_index::process_count]
+    return ds.repeat(num_epochs)
+
+
+def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 4) -> grain.DatasetIterator:
+    """An iterator over `dataset`, read by `workers` processes (0: in this one)."""
+    if not flags.FLAGS.is_parsed():
+        # grain reads absl flags; outside an absl app nobody has parsed them.
+        flags.FLAGS.mark_as_parsed()
+    it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=0))
+    if workers:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+    return iter(it_ds)
+
+
+def _tuple_ranges(aug: ml_collections.ConfigDict, prefix: str, cast) -> tuple:
+    return tuple(tuple(cast(v) for v in aug[f"{prefix}_{c}"]) for c in augment_lib.CATEGORIES)
+
+
+def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
+    """The per-record transform described by the `data` config section."""
+    crops = crops_lib.CropConfig(**data.crops)
+    augmenter = None
+    aug = data.augment
+    if aug.enabled:
+        base = Path(data.base_dir)
+        augmenter = augment_lib.Augmenter(
+            augment_lib.AugmentConfig(
+                strategy=aug.strategy,
+                aug_prob=aug.aug_prob,
+                snr=_tuple_ranges(aug, "snr", float),
+                count=_tuple_ranges(aug, "count", int),
+            ),
+            noise_dir=aug.noise_dir or base / "musan_split",
+            rir_dir=aug.rir_dir or base / "simulated_rirs",
+        )
+    return TrainExamples(crops, augmenter)
+
+
+def load_source(data: ml_collections.ConfigDict):
+    """The prepared `train` split (built on first use) as a random-access source."""
+    for key in ("train_csv", "base_dir"):
+        if not data.get(key):
+            raise InputError(f"config field data.{key} is required")
+    builder = speaker_corpus.prepare(
+        data.train_csv,
+        data.base_dir,
+        data.tfds_dir or Path(data.base_dir) / "tfds",
+        min_seconds=data.min_seconds,
+        skip_bad=data.skip_bad,
+    )
+    return builder.as_data_source(split="train")
