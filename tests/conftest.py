@@ -38,3 +38,39 @@ def demo_source(demo_dir, tmp_path_factory):
     """The train split of `demo_dir` as a prepared TFDS ArrayRecord source."""
     builder = speaker_corpus.prepare(demo_dir / corpus.TRAIN_CSV, demo_dir, tmp_path_factory.mktemp("tfds"))
     return builder.as_data_source(split="train")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for the session: the tests build the same programs many times."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def tiny_config(demo_dir):
+    """A SimCLR config small enough to compile and train in seconds on the CPU."""
+    from ssps_jax.config import base_config
+
+    c = base_config()
+    c.model.mel.n_mels = 16
+    c.model.encoder_dim = 16
+    c.model.ecapa_tdnn.channels = (16, 16, 16, 16, 48)
+    c.model.ecapa_tdnn.attention_channels = 8
+    c.model.ecapa_tdnn.se_channels = 8
+    c.data.train_csv = str(demo_dir / corpus.TRAIN_CSV)
+    c.data.base_dir = str(demo_dir)
+    c.data.crops.frame_seconds = 0.5
+    c.data.workers = 0
+    c.train.epochs = 2
+    c.train.global_batch_size = 16
+    c.train.log_every_steps = 1
+    c.train.checkpoint_every_steps = 8
+    c.train.async_checkpoints = False
+    c.eval.trials = (str(demo_dir / corpus.TRIALS),)
+    c.eval.every_epochs = 0
+    c.eval.batch_size = 16
+    c.eval.min_bucket_seconds = 1.0
+    c.eval.bucket_ratio = 2.0
+    return c

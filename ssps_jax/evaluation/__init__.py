@@ -1,0 +1,1 @@
+"""Speaker-verification evaluation: bucketed embedding, cosine scoring, EER and minDCF."""

@@ -1,0 +1,165 @@
+"""ECAPA-TDNN (Desplanques et al., 2020) as in SpeechBrain and sslsv.
+
+The module tree mirrors sslsv's `sslsv.encoders.ECAPATDNN` one to one (see
+docs/sslsv_parameter_mapping.md): `blocks_0` (TDNN), `blocks_1..3`
+(SE-Res2Net), `mfa`, `asp`, `asp_bn`, `fc`. Layout is (batch, time, channels).
+
+Every time-wise operation honours `lengths` (valid frames per sequence), so a
+batch padded to a bucket length embeds exactly like each utterance alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ssps_jax import ops
+from ssps_jax.features import LogMelConfig, log_mel
+from ssps_jax.models.layers import Conv1dReflect, TDNNBlock, batch_norm
+
+
+class Res2NetBlock(nn.Module):
+    features: int
+    scale: int
+    kernel_size: int
+    dilation: int
+    dtype: jnp.dtype = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, lengths=None, train=False):
+        chunks = jnp.split(x, self.scale, axis=-1)
+        out = [chunks[0]]
+        y = None
+        for i, chunk in enumerate(chunks[1:]):
+            block = TDNNBlock(
+                self.features // self.scale,
+                self.kernel_size,
+                self.dilation,
+                self.dtype,
+                self.bn_axis_name,
+                name=f"blocks_{i}",
+            )
+            y = block(chunk if y is None else chunk + y, lengths, train)
+            out.append(y)
+        return jnp.concatenate(out, axis=-1)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation over time: channel gates from the mean frame."""
+
+    se_channels: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, lengths=None):
+        s = ops.masked_mean(x, ops.sequence_mask(lengths, x.shape[1]), axis=1, keepdims=True)
+        s = nn.relu(Conv1dReflect(self.se_channels, 1, dtype=self.dtype, name="conv1")(s))
+        s = nn.sigmoid(Conv1dReflect(self.features, 1, dtype=self.dtype, name="conv2")(s))
+        return s * x
+
+
+class SERes2NetBlock(nn.Module):
+    features: int
+    res2net_scale: int
+    se_channels: int
+    kernel_size: int
+    dilation: int
+    dtype: jnp.dtype = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, lengths=None, train=False):
+        residual = x
+        if x.shape[-1] != self.features:
+            residual = Conv1dReflect(self.features, 1, dtype=self.dtype, name="shortcut")(x)
+        tdnn = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        x = TDNNBlock(self.features, 1, **tdnn, name="tdnn1")(x, lengths, train)
+        x = Res2NetBlock(
+            self.features, self.res2net_scale, self.kernel_size, self.dilation, **tdnn, name="res2net_block"
+        )(x, lengths, train)
+        x = TDNNBlock(self.features, 1, **tdnn, name="tdnn2")(x, lengths, train)
+        x = SEBlock(self.se_channels, self.features, self.dtype, name="se_block")(x, lengths)
+        return x + residual
+
+
+def _weighted_stats(x, weights, eps=1e-12):
+    """Mean and std over time with weights summing to 1 (sslsv's _compute_statistics)."""
+    mean = jnp.sum(weights * x, axis=1)
+    var = jnp.sum(weights * jnp.square(x - mean[:, None]), axis=1)
+    return mean, jnp.sqrt(jnp.maximum(var, eps))
+
+
+class AttentiveStatisticsPooling(nn.Module):
+    """Attentive statistics pooling with global context -> (B, 2C)."""
+
+    attention_channels: int
+    global_context: bool = True
+    dtype: jnp.dtype = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, lengths=None, train=False):
+        size, channels = x.shape[1], x.shape[2]
+        mask = ops.sequence_mask(lengths, size)
+        x32 = x.astype(jnp.float32)  # statistics in float32, whatever the compute dtype
+        if mask is None:
+            uniform = jnp.full((1, size, 1), 1.0 / size)
+        else:
+            uniform = mask[..., None] / lengths[:, None, None]
+        attn = x
+        if self.global_context:
+            mean, std = _weighted_stats(x32, uniform)
+            context = jnp.broadcast_to(jnp.concatenate([mean, std], -1)[:, None], (*x.shape[:2], 2 * channels))
+            attn = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
+        attn = TDNNBlock(self.attention_channels, 1, dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="tdnn")(
+            attn, lengths, train
+        )
+        attn = Conv1dReflect(channels, 1, dtype=self.dtype, name="conv")(jnp.tanh(attn))
+        weights = ops.masked_softmax(attn.astype(jnp.float32), mask, axis=1)
+        mean, std = _weighted_stats(x32, weights)
+        return jnp.concatenate([mean, std], axis=-1)
+
+
+class ECAPATDNN(nn.Module):
+    """Waveforms (B, n) -> speaker embeddings (B, encoder_dim)."""
+
+    mel: LogMelConfig = LogMelConfig(n_mels=80)
+    channels: Sequence[int] = (512, 512, 512, 512, 1536)
+    kernel_sizes: Sequence[int] = (5, 3, 3, 3, 1)
+    dilations: Sequence[int] = (1, 2, 3, 4, 1)
+    attention_channels: int = 128
+    res2net_scale: int = 8
+    se_channels: int = 128
+    global_context: bool = True
+    encoder_dim: int = 512
+    dtype: jnp.dtype = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, wave, lengths=None, train: bool = False):
+        x, lengths = log_mel(wave, self.mel, lengths)
+        x = x.astype(self.dtype)
+        common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        outputs = []
+        for i, (c, k, d) in enumerate(zip(self.channels[:-1], self.kernel_sizes, self.dilations)):
+            if i == 0:
+                block = TDNNBlock(c, k, d, **common, name="blocks_0")
+            else:
+                block = SERes2NetBlock(c, self.res2net_scale, self.se_channels, k, d, **common, name=f"blocks_{i}")
+            x = block(x, lengths, train)
+            outputs.append(x)
+        # Multi-layer feature aggregation: every SE-Res2Net block's output.
+        x = jnp.concatenate(outputs[1:], axis=-1)
+        x = TDNNBlock(self.channels[-1], self.kernel_sizes[-1], self.dilations[-1], **common, name="mfa")(
+            x, lengths, train
+        )
+        x = AttentiveStatisticsPooling(self.attention_channels, self.global_context, **common, name="asp")(
+            x, lengths, train
+        )
+        x = batch_norm(train, self.bn_axis_name, self.dtype, name="asp_bn")(x.astype(self.dtype))
+        x = Conv1dReflect(self.encoder_dim, 1, dtype=self.dtype, name="fc")(x[:, None, :])[:, 0]
+        return x.astype(jnp.float32)

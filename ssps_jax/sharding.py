@@ -1,0 +1,36 @@
+"""The device mesh and how arrays are laid out on it.
+
+One 1-D mesh axis, `data`, spans every device of every process. Parameters,
+optimizer state and BatchNorm statistics are replicated on it; batches are
+split along it. Each process feeds only its own slice of a global batch
+(`global_batch`), so the same code runs on one host or on a pod.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """All devices (or `devices`) on the `data` axis."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.array(devices), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def split_batch(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's slice of a global batch -> global arrays split over `data`."""
+    sharding = split_batch(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

@@ -1,0 +1,81 @@
+"""EER and minDCF against a brute-force threshold sweep, scikit-learn, and hand-made cases."""
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve
+
+from ssps_jax.evaluation.metrics import eer, min_dcf
+
+
+def _brute_force_points(scores, labels):
+    """(FPR, FNR) at every candidate threshold, by counting, one threshold at a time."""
+    thresholds = [*sorted(set(scores)), np.inf]
+    points = [(1.0, 0.0)]  # threshold -inf: accept everything
+    targets = [s for s, y in zip(scores, labels) if y == 1]
+    nontargets = [s for s, y in zip(scores, labels) if y == 0]
+    for th in thresholds:
+        fnr = sum(s < th for s in targets) / len(targets)
+        fpr = sum(s >= th for s in nontargets) / len(nontargets)
+        points.append((fpr, fnr))
+    return points
+
+
+def _brute_force_min_dcf(scores, labels, p=0.01):
+    return min(p * fnr + (1 - p) * fpr for fpr, fnr in _brute_force_points(scores, labels)) / min(p, 1 - p)
+
+
+def _brute_force_eer(scores, labels):
+    """Walk the points until FNR overtakes FPR; intersect that segment with FNR = FPR."""
+    points = _brute_force_points(scores, labels)
+    for (fpr0, fnr0), (fpr1, fnr1) in itertools.pairwise(points):
+        if fnr1 - fpr1 >= 0:
+            if fnr1 == fpr1:
+                return fpr1
+            t = (fpr0 - fnr0) / ((fnr1 - fnr0) - (fpr1 - fpr0))
+            return fpr0 + t * (fpr1 - fpr0)
+    raise AssertionError("no crossing")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_scores_match_brute_force_and_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.normal(size=300) + 1.2 * labels
+    if seed % 2:
+        scores = np.round(scores, 1)  # plenty of ties
+    assert eer(scores, labels) == pytest.approx(_brute_force_eer(list(scores), list(labels)), abs=1e-12)
+    assert min_dcf(scores, labels) == pytest.approx(_brute_force_min_dcf(list(scores), list(labels)), abs=1e-12)
+    for p in (0.05, 0.5):
+        assert min_dcf(scores, labels, p_target=p) == pytest.approx(
+            _brute_force_min_dcf(list(scores), list(labels), p), abs=1e-12
+        )
+    if seed % 2 == 0:
+        # Without ties, the EER is where scikit-learn's ROC crosses FNR = FPR.
+        fpr, tpr, _ = roc_curve(labels, scores)
+        fnr = 1 - tpr
+        k = np.argmax(fnr <= fpr)  # roc_curve goes from low FPR to high
+        t = (fpr[k - 1] - fnr[k - 1]) / ((fnr[k] - fnr[k - 1]) - (fpr[k] - fpr[k - 1]))
+        assert eer(scores, labels) == pytest.approx(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]), abs=1e-12)
+
+
+def test_hand_made_cases():
+    labels = [1, 1, 0, 0]
+    assert eer([0.9, 0.8, 0.1, 0.2], labels) == 0.0  # all correct
+    assert min_dcf([0.9, 0.8, 0.1, 0.2], labels) == 0.0
+    assert eer([0.1, 0.2, 0.9, 0.8], labels) == 1.0  # all wrong
+    assert min_dcf([0.1, 0.2, 0.9, 0.8], labels) == pytest.approx(1.0)  # = reject everything
+    assert eer([0.5, 0.5, 0.5, 0.5], labels) == 0.5  # all tied: no information
+    # Target 0.3 below non-target 0.5: threshold 0.4 misses 1 of 2 and accepts 1 of 2.
+    assert eer([0.9, 0.3, 0.5, 0.1], labels) == pytest.approx(0.5)
+    # minDCF, p = 0.01: one miss costs 0.01 * 1/2 = 0.005 -> normalised 0.5; one false alarm 0.99 * 1/2.
+    assert min_dcf([0.9, 0.3, 0.5, 0.1], labels) == pytest.approx(0.5)
+    # A target tied with a non-target: they are accepted or rejected together, so the
+    # crossing lies between (FPR, FNR) = (1/2, 0) and (0, 1/2): 25%.
+    assert eer([0.9, 0.5, 0.5, 0.1], labels) == pytest.approx(0.25)
+
+
+def test_needs_both_kinds_of_trials():
+    with pytest.raises(ValueError, match="target and non-target"):
+        eer([0.1, 0.2], [1, 1])

@@ -1,0 +1,137 @@
+"""Encoders: sslsv-sized parameter count and names, exact padded embedding, bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from ssps_jax import sharding
+from ssps_jax.evaluation.embedding import Embedder, bucket_lengths
+from ssps_jax.features import LogMelConfig
+from ssps_jax.models.ecapa_tdnn import ECAPATDNN
+from ssps_jax.models.resnet34 import ResNet34
+from ssps_jax.models.sslsv_names import sslsv_name, to_torch_layout
+
+
+def _sslsv_ecapa_parameter_count(channels, n_mels, scale=8, se=128, attention=128, out=512):
+    """Counted from sslsv's ECAPATDNN.__init__ (weights, biases, BN affine), by hand."""
+
+    def tdnn(i, o, k):
+        return i * o * k + o + 2 * o  # conv weight + bias, BN weight + bias
+
+    c, last = channels[0], channels[-1]
+    se_res2net = 2 * tdnn(c, c, 1) + (scale - 1) * tdnn(c // scale, c // scale, 3) + (c * se + se) + (se * c + c)
+    return (
+        tdnn(n_mels, c, 5)
+        + 3 * se_res2net
+        + tdnn(3 * c, last, 1)  # mfa
+        + tdnn(3 * last, attention, 1)  # asp.tdnn (global context)
+        + attention * last
+        + last  # asp.conv
+        + 2 * 2 * last  # asp_bn
+        + 2 * last * out
+        + out  # fc
+    )
+
+
+def _abstract_variables(model, samples=32000):
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, samples))))
+
+
+@pytest.mark.parametrize("n_mels", [40, 80])
+def test_ecapa_c1024_has_sslsv_parameter_count(n_mels):
+    model = ECAPATDNN(mel=LogMelConfig(n_mels=n_mels), channels=(1024, 1024, 1024, 1024, 3072))
+    count = sum(x.size for x in jax.tree.leaves(_abstract_variables(model)["params"]))
+    assert count == _sslsv_ecapa_parameter_count((1024, 1024, 1024, 1024, 3072), n_mels)
+    if n_mels == 40:
+        assert 22.4e6 < count < 22.6e6  # "about 22.5 M"
+
+
+def test_sslsv_names_and_layouts():
+    model = ECAPATDNN(mel=LogMelConfig(n_mels=40), channels=(1024, 1024, 1024, 1024, 3072))
+    variables = _abstract_variables(model)
+    names = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in flatten_dict(variables[collection]).items():
+            torch_shape = to_torch_layout(path, np.zeros(value.shape, np.int8)).shape
+            names["encoder." + sslsv_name(path, collection)] = torch_shape
+    # Spot checks against sslsv's module tree (ECAPATDNN.py), written out by hand.
+    expected = {
+        "encoder.blocks.0.conv.conv.weight": (1024, 40, 5),
+        "encoder.blocks.0.norm.weight": (1024,),
+        "encoder.blocks.0.norm.running_var": (1024,),
+        "encoder.blocks.1.tdnn1.conv.conv.bias": (1024,),
+        "encoder.blocks.2.res2net_block.blocks.6.conv.conv.weight": (128, 128, 3),
+        "encoder.blocks.3.se_block.conv1.conv.weight": (128, 1024, 1),
+        "encoder.blocks.3.se_block.conv2.conv.bias": (1024,),
+        "encoder.mfa.conv.conv.weight": (3072, 3072, 1),
+        "encoder.asp.tdnn.conv.conv.weight": (128, 9216, 1),
+        "encoder.asp.conv.conv.weight": (3072, 128, 1),
+        "encoder.asp_bn.running_mean": (6144,),
+        "encoder.fc.conv.weight": (512, 6144, 1),
+    }
+    for name, shape in expected.items():
+        assert names[name] == shape, name
+    # Every sslsv tensor but the BN counters: 2 per conv, 4 per BN (weight, bias, running stats).
+    n_convs = 1 + 3 * (2 + 7 + 2) + 1 + 2 + 1
+    n_bns = 1 + 3 * (2 + 7) + 1 + 1 + 1
+    assert len(names) == 2 * n_convs + 4 * n_bns
+    assert sslsv_name(("projector", "layers_3", "kernel")) == "projector.3.weight"
+    assert sslsv_name(("block2_0", "downsample_1", "scale")) == "block2.0.downsample.1.weight"
+
+
+def _tiny_encoders():
+    mel = LogMelConfig(n_mels=16)
+    return [
+        ECAPATDNN(mel=mel, channels=(16, 16, 16, 16, 48), attention_channels=8, se_channels=8, encoder_dim=8),
+        ResNet34(mel=mel, base_dim=8, layers=(1, 1, 2, 1), encoder_dim=8),
+    ]
+
+
+@pytest.mark.parametrize("model", _tiny_encoders(), ids=["ecapa_tdnn", "resnet34"])
+def test_bucketed_embedding_equals_each_utterance_alone(model):
+    rng = np.random.default_rng(0)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((2, 16000)))
+    # Non-trivial BatchNorm statistics, so that padding mistakes cannot hide behind zeros.
+    variables = {
+        "params": variables["params"],
+        "batch_stats": jax.tree.map(lambda x: x + rng.uniform(0.5, 1.5, x.shape), variables["batch_stats"]),
+    }
+    lengths = [16000, 7001, 12345, 9999, 3300, 20500]
+    waves = [(0.1 * rng.normal(size=n)).astype(np.float32) for n in lengths]
+    mesh = sharding.make_mesh()  # 8 simulated devices
+
+    def embed(v, wave, n):
+        return model.apply(v, wave, n)
+
+    embedder = Embedder(embed, mesh, batch_size=4, bucket_ratio=1.5, min_bucket=8000)
+    assert embedder.batch_size == 8  # rounded up to the device count
+    got = embedder(variables, waves)
+    alone = jax.jit(model.apply)  # unpadded, no mask: one compilation per length
+    for wave, emb in zip(waves, got):
+        np.testing.assert_allclose(emb, alone(variables, wave[None])[0], rtol=1e-4, atol=1e-5)
+    # One compilation per bucket used (8000, 12000, 18080, 27040 samples), not per length.
+    buckets = bucket_lengths(max(lengths), 8000, 1.5)
+    assert embedder._embed._cache_size() == len(set(np.searchsorted(buckets, lengths))) == 4
+
+
+def test_bucket_lengths():
+    assert bucket_lengths(40000, 16000, 1.5) == [16000, 24000, 36000, 54080]
+    assert all(b % 160 == 0 for b in bucket_lengths(10**6, 32000, 1.25))
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    mel = LogMelConfig(n_mels=16)
+    kwargs = dict(mel=mel, channels=(32, 32, 32, 32, 96), attention_channels=16, se_channels=16, encoder_dim=16)
+    wave = np.random.default_rng(1).normal(size=(4, 16000)).astype(np.float32)
+    f32 = ECAPATDNN(**kwargs)
+    variables = jax.jit(f32.init)(jax.random.PRNGKey(0), wave)
+    bf16 = ECAPATDNN(**kwargs, dtype=jnp.bfloat16)
+    a, b = jax.jit(f32.apply)(variables, wave), jax.jit(bf16.apply)(variables, wave)
+    assert b.dtype == jnp.float32  # embeddings come back in float32
+    params = jax.eval_shape(lambda: bf16.init(jax.random.PRNGKey(0), wave))["params"]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}  # float32 parameters
+    cosine = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert np.all(cosine > 0.99)
+    assert not np.array_equal(a, b)  # really computed in bfloat16
