@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Tests run JAX on the CPU with 8 simulated devices, so sharding is real.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: test lint venv clean
+.PHONY: test lint demo venv clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The embedded corpus (demo_data/), SimCLR training (workdirs/demo_simclr/), and
+# EER / minDCF of the untrained and the trained encoder. Rerunning resumes.
+demo: $(STAMP)
+	$(BIN)/ssps-jax demo --data demo_data --workdir workdirs/demo_simclr
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,6 +30,7 @@ setup(
         "numpy>=1.26",
         "scipy>=1.12",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.4", "ruff>=0.6"],

@@ -36,6 +36,8 @@ from data_pipelines.errors import InputError
 from data_pipelines.manifests import read_utterances
 
 logger = logging.getLogger(__name__)
+# TFDS warns whenever a builder config is not one of its BUILDER_CONFIGS; ours never are.
+logging.getLogger("absl").addFilter(lambda record: "Using custom data configuration" not in record.getMessage())
 
 
 class BadAudioFilesError(InputError):

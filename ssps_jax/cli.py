@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+# Commands configured with absl flags (ml_collections config files and overrides).
+_ABSL_COMMANDS = ("train", "evaluate", "demo")
+
 
 def _prepare_demo(args: argparse.Namespace) -> None:
     from data_pipelines.demo_corpus import corpus
@@ -74,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="ssps-jax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in _ABSL_COMMANDS:  # listed for --help; parsed by absl
+        sub.add_parser(name, help=f"see `ssps-jax {name} --help`", add_help=False)
 
     p = sub.add_parser("prepare-demo", help="write the embedded multi-session demo corpus")
     p.add_argument("out", help="output folder (the corpus base folder)")
@@ -110,7 +115,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _ABSL_COMMANDS:
+        from ssps_jax import commands
+
+        getattr(commands, f"{argv[0]}_main")([f"ssps-jax {argv[0]}", *argv[1:]])
+        return
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data_pipelines.errors import InputError
 

@@ -1,0 +1,82 @@
+"""Checkpoints with orbax: train state, input-pipeline position and metadata, together.
+
+One checkpoint per saved step under <workdir>/checkpoints/<step>/:
+  state  the TrainState (params, optimizer, BatchNorm statistics, step, RNG),
+         written asynchronously from every process;
+  data   grain's iterator state (one JSON per process): the exact position in
+         the shuffled, augmented input stream;
+  meta   JSON: epoch, global batch, and what else the run wants to find again.
+Orbax writes to a temporary folder and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint as the latest.
+
+Replicated arrays (parameters, optimizer and BatchNorm state) are saved from
+one host copy: every device holds the same values, and orbax's per-device
+replica handling costs ~4x more (2.3 s vs 0.6 s a save for a small model on
+8 CPU devices). Only sharded arrays (the SSPS queues) are saved as jax.Arrays,
+each process writing its own shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).resolve(),
+            item_names=("state", "data", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, iterator: grain.DatasetIterator, meta: dict) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_host_copies(state)),
+                data=grain.checkpoint.CheckpointSave(iterator),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, like, iterator: grain.DatasetIterator | None = None):
+        """(state, meta) of checkpoint `step`, laid out like the state `like`.
+
+        Also moves `iterator` to the checkpoint's position in the input stream.
+        """
+        target = jax.tree.map(
+            lambda x: np.empty(x.shape, x.dtype) if x.is_fully_replicated else ocp.utils.to_shape_dtype_struct(x),
+            like,
+        )
+        items = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = jax.tree.map(
+            lambda r, x: (
+                jax.make_array_from_callback(x.shape, x.sharding, lambda i: r[i]) if x.is_fully_replicated else r
+            ),
+            restored["state"],
+            like,
+        )
+        return state, restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _host_copies(state):
+    """Replicated arrays as host arrays (any replica); sharded ones unchanged."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if x.is_fully_replicated else x, state)

@@ -1,0 +1,141 @@
+"""`ssps-jax train`, `ssps-jax evaluate` and `ssps-jax demo`.
+
+train and evaluate take absl flags, so configs are ml_collections config
+files with command-line overrides:
+
+  ssps-jax train --config configs/demo_simclr.py --workdir W --config.train.epochs=5
+  ssps-jax evaluate --workdir W [--trials a.txt --trials b.txt] [--step N]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from data_pipelines.errors import InputError
+from ssps_jax.observe import say
+
+
+def _run(fn, argv: list[str]) -> None:
+    """absl's app.run, with bad input and lost runs reported as one message."""
+    from ssps_jax.train import NonFiniteLossError
+
+    def main(_):
+        if not any(a.startswith(("--verbosity", "-v")) for a in argv):
+            logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+        try:
+            fn()
+        except (InputError, NonFiniteLossError) as e:
+            sys.exit(f"error: {e}")
+
+    app.run(main, argv=argv)
+
+
+def train_main(argv: list[str]) -> None:
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, evaluations. Resumes if it has a checkpoint.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run():
+        from ssps_jax.train import train
+
+        train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    _run(run, argv)
+
+
+def evaluate_main(argv: list[str]) -> None:
+    flags.DEFINE_string("workdir", None, "A training workdir.")
+    flags.DEFINE_multi_string("trials", None, "Trial lists (default: the config's eval.trials).")
+    flags.DEFINE_string("base_dir", None, "Folder the trial paths are relative to (default: the config's).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.mark_flag_as_required("workdir")
+    _run(lambda: evaluate(flags.FLAGS.workdir, flags.FLAGS.trials, flags.FLAGS.base_dir, flags.FLAGS.step), argv)
+
+
+def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None = None, step: int | None = None):
+    """Evaluates a checkpoint of `workdir`; writes <workdir>/eval/step_<N>/; returns the results."""
+    from ssps_jax import checkpoint, sharding
+    from ssps_jax.methods import build_model
+    from ssps_jax.train import load_config, make_verifier, variables
+    from ssps_jax.train_state import init_train_state
+
+    config = load_config(workdir)
+    with config.unlocked():
+        if trials:
+            config.eval.trials = tuple(trials)
+        if base_dir:
+            config.eval.base_dir = base_dir
+    if not config.eval.trials:
+        raise InputError("no trial list: pass --trials or set eval.trials in the config")
+    mesh = sharding.make_mesh()
+    model = build_model(config)
+    tx, _ = _optimizer_like_training(config)
+    frame = round(config.data.crops.frame_seconds * 16000)
+    state = init_train_state(model, tx, config.seed, jax.ShapeDtypeStruct((2, 2, frame), "float32"), mesh)
+    ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise InputError(f"no checkpoint in {workdir}/checkpoints")
+    state, _ = ckpt.restore(step, state)
+    ckpt.close()
+    verifier = make_verifier(config, model, mesh)
+    results, scores = verifier.evaluate(variables(state))
+    out = Path(workdir) / "eval" / f"step_{step}"
+    if jax.process_index() == 0:
+        verifier.write(out, results, scores, {"step": step})
+    for name, r in results.items():
+        say(f"{name}: EER {100 * r['eer']:.2f}%  minDCF {r['min_dcf']:.4f}  ({r['trials']} trials)")
+    say(f"metrics and scores in {out}")
+    return results
+
+
+def _optimizer_like_training(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """An optimizer with the training one's state structure (its schedule does not matter here)."""
+    from ssps_jax.optim import make_optimizer
+
+    return make_optimizer(config.optim, steps_per_epoch=1, total_steps=max(1, config.train.epochs))
+
+
+def demo_main(argv: list[str]) -> None:
+    flags.DEFINE_string("data", "demo_data", "Where the demo corpus is (written first if missing).")
+    flags.DEFINE_string("workdir", "workdirs/demo_simclr", "Training folder.")
+    config_flags.DEFINE_config_file("config", "configs/demo_simclr.py", "Config file.", lock_config=True)
+    _run(lambda: demo(flags.FLAGS.data, flags.FLAGS.workdir, flags.FLAGS.config), argv)
+
+
+def demo(data: str, workdir: str, config) -> dict:
+    """Embedded corpus -> SimCLR training -> EER/minDCF of the untrained and trained encoder."""
+    from data_pipelines.demo_corpus import corpus
+    from ssps_jax.train import train
+
+    data_dir = Path(data)
+    if not (data_dir / corpus.TRAIN_CSV).is_file():
+        say(f"writing the demo corpus to {data_dir} ...")
+        corpus.write_demo_corpus(data_dir, workers=os.cpu_count() or 1)
+    config.data.train_csv = str(data_dir / corpus.TRAIN_CSV)
+    config.data.base_dir = str(data_dir)
+    config.eval.trials = (str(data_dir / corpus.TRIALS),)
+    config.eval.at_start = True
+    train(config, workdir)
+    evals = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    first, last = evals[0], evals[-1]
+    name = Path(corpus.TRIALS).stem
+    table = {
+        "untrained": {"eer": first[f"{name}/eer"], "min_dcf": first[f"{name}/min_dcf"], "step": first["step"]},
+        "trained": {"eer": last[f"{name}/eer"], "min_dcf": last[f"{name}/min_dcf"], "step": last["step"]},
+    }
+    say("")
+    say(f"demo results on {corpus.TRIALS} (held-out speakers, cross-session targets)")
+    say(f"  {'encoder':<12}{'step':>8}{'EER %':>10}{'minDCF':>10}")
+    for label, r in table.items():
+        say(f"  {label:<12}{r['step']:>8}{100 * r['eer']:>10.2f}{r['min_dcf']:>10.4f}")
+    return table

@@ -1,0 +1,185 @@
+"""Experiment configuration: the defaults every config file starts from, and validation.
+
+Config files in configs/ call `base_config()` and change what their
+experiment changes. `validate()` runs before anything is built or compiled
+and names the offending key (`config.model.channels: ...`).
+
+Defaults are sslsv's (SPEC section 8): Adam, lr 1e-3 x 0.95 every 5 epochs,
+global batch 256, no weight decay, 2 s crops, SimCLR temperature 0.03
+without projector (the SSPS paper's SimCLR config).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from data_pipelines import input_pipeline
+from data_pipelines.errors import InputError
+
+ENCODERS = ("ecapa_tdnn", "resnet34")
+METHODS = ("simclr",)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine", "warmup_cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(InputError):
+    """An invalid configuration value; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.method = "simclr"
+    c.simclr = {
+        "temperature": 0.03,
+        "projector": False,
+        "projector_hidden_dim": 2048,
+        "projector_output_dim": 128,
+    }
+    c.model = {
+        "encoder": "ecapa_tdnn",
+        "encoder_dim": 512,
+        "dtype": "float32",  # compute dtype; parameters stay float32
+        "mel": {"n_mels": 40, "window": "hamming", "n_fft": 512, "win_length": 400, "hop_length": 160},
+        "ecapa_tdnn": {
+            "channels": (512, 512, 512, 512, 1536),
+            "kernel_sizes": (5, 3, 3, 3, 1),
+            "dilations": (1, 2, 3, 4, 1),
+            "attention_channels": 128,
+            "res2net_scale": 8,
+            "se_channels": 128,
+            "global_context": True,
+        },
+        "resnet34": {"base_dim": 16, "layers": (3, 4, 6, 3)},
+    }
+    c.data = input_pipeline.default_config()
+    c.train = {
+        "epochs": 100,
+        "global_batch_size": 256,
+        "log_every_steps": 50,
+        "checkpoint_every_steps": 1000,  # and at every epoch end
+        "keep_checkpoints": 3,
+        "async_checkpoints": True,
+    }
+    c.optim = {
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "schedule": "step",  # sslsv's default: x decay_rate every decay_every_epochs
+        "decay_rate": 0.95,
+        "decay_every_epochs": 5,
+        "min_learning_rate": 1e-5,  # cosine schedules
+        "warmup_epochs": 10,  # warmup_cosine
+        "weight_decay": 0.0,  # L2 added to the gradient, like torch's Adam/SGD weight_decay
+        "momentum": 0.9,  # sgd
+        "clip_grad_norm": 0.0,  # 0: off
+    }
+    c.eval = {
+        "trials": (),  # VoxCeleb-format trial lists; names are their file names
+        "base_dir": "",  # their paths are relative to it; "" means data.base_dir
+        "every_epochs": 1,  # 0: only when asked (ssps-jax evaluate)
+        "at_start": False,  # also evaluate the untrained encoder
+        "batch_size": 32,  # utterances per embedding batch, rounded up to the device count
+        "bucket_ratio": 1.25,  # padded lengths grow geometrically by this factor
+        "min_bucket_seconds": 2.0,
+    }
+    return c
+
+
+def use_voxceleb(config: ml_collections.ConfigDict, data_dir: str = "data") -> ml_collections.ConfigDict:
+    """Train on VoxCeleb2, evaluate on VoxCeleb1-O, in the layout of README "VoxCeleb from a manual download"."""
+    config.data.train_csv = f"{data_dir}/voxceleb2_train.csv"
+    config.data.base_dir = data_dir
+    config.data.workers = 8
+    config.train.epochs = 100
+    config.train.global_batch_size = 256
+    config.eval.trials = (f"{data_dir}/voxceleb1_test_O",)
+    config.eval.every_epochs = 5
+    config.eval.batch_size = 64
+    return config
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def _check_choice(config, key, choices):
+    value = config[key.split(".")[0]]
+    for part in key.split(".")[1:]:
+        value = value[part]
+    if value not in choices:
+        _fail(key, f"must be one of {choices}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Raises ConfigError naming the first invalid key; touches no accelerator."""
+    _check_choice(config, "method", METHODS)
+    _check_choice(config, "model.encoder", ENCODERS)
+    _check_choice(config, "model.dtype", DTYPES)
+    _check_choice(config, "model.mel.window", ("hamming", "hann"))
+    _check_choice(config, "optim.optimizer", OPTIMIZERS)
+    _check_choice(config, "optim.schedule", SCHEDULES)
+
+    m = config.model
+    if m.mel.win_length > m.mel.n_fft:
+        _fail("model.mel.win_length", f"{m.mel.win_length} exceeds n_fft {m.mel.n_fft}")
+    for key in ("n_mels", "hop_length"):
+        if m.mel[key] <= 0:
+            _fail(f"model.mel.{key}", f"must be > 0, got {m.mel[key]}")
+    if m.encoder == "ecapa_tdnn":
+        e = m.ecapa_tdnn
+        n = len(e.channels)
+        if n < 3:
+            _fail("model.ecapa_tdnn.channels", f"needs at least 3 entries, got {tuple(e.channels)}")
+        for key in ("kernel_sizes", "dilations"):
+            if len(e[key]) != n:
+                _fail(f"model.ecapa_tdnn.{key}", f"needs {n} entries (one per channel entry), got {tuple(e[key])}")
+        for i, c in enumerate(e.channels[1:-1], start=1):
+            if c % e.res2net_scale:
+                _fail(
+                    "model.ecapa_tdnn.channels", f"entry {i} ({c}) is not divisible by res2net_scale {e.res2net_scale}"
+                )
+    else:
+        r = m.resnet34
+        if len(r.layers) != 4 or r.base_dim < 8:
+            _fail("model.resnet34", f"needs 4 layer counts and base_dim >= 8, got {tuple(r.layers)}, {r.base_dim}")
+
+    if config.simclr.temperature <= 0:
+        _fail("simclr.temperature", f"must be > 0, got {config.simclr.temperature}")
+    t = config.train
+    for key in ("epochs", "global_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if t[key] < 1:
+            _fail(f"train.{key}", f"must be >= 1, got {t[key]}")
+    if device_count and t.global_batch_size % device_count:
+        _fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by the {device_count} devices")
+    o = config.optim
+    if o.learning_rate <= 0:
+        _fail("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    for key in ("weight_decay", "clip_grad_norm", "min_learning_rate", "warmup_epochs"):
+        if o[key] < 0:
+            _fail(f"optim.{key}", f"must be >= 0, got {o[key]}")
+
+    d = config.data
+    for key in ("train_csv", "base_dir"):
+        if not d[key]:
+            _fail(f"data.{key}", "is required")
+    if not Path(d.train_csv).is_file():
+        _fail("data.train_csv", f"file not found: {d.train_csv}")
+    if not Path(d.base_dir).is_dir():
+        _fail("data.base_dir", f"folder not found: {d.base_dir}")
+    if d.crops.mode != "siamese":
+        _fail("data.crops.mode", f"SimCLR needs 'siamese' crops, got {d.crops.mode!r}")
+    try:  # builds the crop and augmentation settings, and lists the noise / RIR folders
+        input_pipeline.make_examples(d)
+    except (InputError, TypeError) as e:
+        _fail("data", str(e))
+
+    for i, trials in enumerate(config.eval.trials):
+        if not Path(trials).is_file():
+            _fail(f"eval.trials[{i}]", f"file not found: {trials}")
+    if config.eval.bucket_ratio <= 1:
+        _fail("eval.bucket_ratio", f"must be > 1, got {config.eval.bucket_ratio}")
+    if config.eval.batch_size < 1:
+        _fail("eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")

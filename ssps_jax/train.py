@@ -1,0 +1,199 @@
+"""The training loop: data, sharded steps, checkpoints, evaluation, logging.
+
+`train(config, workdir)` trains from scratch, or resumes from the latest
+checkpoint in `workdir` exactly where it stopped: same parameters, optimizer
+and BatchNorm state, same RNG, same position in the input stream, hence the
+same per-step losses as an uninterrupted run.
+
+Step metrics are fetched one step late, so the host prepares batch s+1 while
+the devices run step s. A non-finite loss stops the run with its step
+number; checkpoints are only written once every earlier loss has been
+checked, so the latest checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from data_pipelines import input_pipeline
+from ssps_jax import checkpoint, sharding
+from ssps_jax import config as config_lib
+from ssps_jax.evaluation.embedding import Embedder
+from ssps_jax.evaluation.verification import Verifier
+from ssps_jax.methods import build_model
+from ssps_jax.observe import MetricWriter, Progress, say
+from ssps_jax.optim import make_optimizer
+from ssps_jax.train_state import TrainState, init_train_state
+from ssps_jax.train_step import make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message has the step and the checkpoint to resume from."""
+
+
+def make_verifier(config: ml_collections.ConfigDict, model, mesh) -> Verifier | None:
+    """Evaluation on config.eval.trials, or None when there are none."""
+    if not config.eval.trials:
+        return None
+
+    def embed(variables, wave, lengths):
+        return model.apply(variables, wave, lengths, method=type(model).embed)
+
+    embedder = Embedder(
+        embed,
+        mesh,
+        config.eval.batch_size,
+        bucket_ratio=config.eval.bucket_ratio,
+        min_bucket=round(config.eval.min_bucket_seconds * 16000),
+    )
+    return Verifier(list(config.eval.trials), config.eval.base_dir or config.data.base_dir, embedder)
+
+
+def variables(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    if jax.process_index() != 0:
+        return
+    path = workdir / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    if path.exists() and path.read_text() != text:
+        say(f"note: the config differs from the one {workdir} was started with; the old one is config.json.previous")
+        path.rename(workdir / "config.json.previous")
+    path.write_text(text)
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """Trains or resumes; returns the last evaluation's results ({} if none ran).
+
+    `on_step(steps_done)` is called after each step is dispatched (tests use it
+    to interrupt a run).
+    """
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh()
+    config_lib.validate(config, device_count=mesh.size)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _save_config(config, workdir)
+
+    source = input_pipeline.load_source(config.data)
+    batch_size = config.train.global_batch_size
+    per_epoch = input_pipeline.steps_per_epoch(len(source), batch_size)
+    total = config.train.epochs * per_epoch
+    model = build_model(config, bn_axis_name=sharding.DATA)
+    tx, schedule = make_optimizer(config.optim, per_epoch, total)
+    frame = round(config.data.crops.frame_seconds * 16000)
+    state = init_train_state(model, tx, config.seed, jax.ShapeDtypeStruct((2, 2, frame), jnp.float32), mesh)
+    verifier = make_verifier(config, model, mesh)  # reads the test audio: fails before workers start
+
+    dataset = input_pipeline.train_dataset(
+        source,
+        global_batch_size=batch_size,
+        seed=config.seed,
+        examples=input_pipeline.make_examples(config.data),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    iterator = input_pipeline.make_iterator(dataset, workers=config.data.workers, prefetch=config.data.prefetch)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints", config.train.keep_checkpoints, config.train.async_checkpoints
+    )
+    if (latest := ckpt.latest_step()) is not None:
+        state, _ = ckpt.restore(latest, state, iterator)
+        say(f"resumed from the checkpoint of step {latest} in {workdir}")
+    start = int(state.step)
+    say(
+        f"{len(source)} utterances, {per_epoch} steps of {batch_size} per epoch, {config.train.epochs} epochs, "
+        f"{mesh.size} device(s) on {jax.process_count()} process(es); workdir {workdir}"
+    )
+
+    writer = MetricWriter(workdir)
+    last_results: dict = {}
+
+    def evaluate(step: int) -> None:
+        nonlocal last_results
+        started = time.perf_counter()
+        results, scores = verifier.evaluate(variables(state))
+        seconds = time.perf_counter() - started
+        if jax.process_index() == 0:
+            verifier.write(
+                workdir / "eval" / f"step_{step}", results, scores, {"step": step, "epoch": step / per_epoch}
+            )
+        for name, r in results.items():
+            writer.write(step, {f"{name}/eer": r["eer"], f"{name}/min_dcf": r["min_dcf"]}, kind="eval")
+            say(
+                f"eval step {step}: {name}  EER {100 * r['eer']:.2f}%  minDCF {r['min_dcf']:.4f}  "
+                f"({r['trials']} trials, {seconds:.0f} s)"
+            )
+        last_results = results
+
+    step_fn = make_train_step(model, tx, mesh, config.simclr.temperature)
+    progress = Progress(total, per_epoch, batch_size, start, config.train.log_every_steps)
+    pending: list[tuple[int, dict]] = []
+
+    def drain() -> None:
+        """Fetches the metrics of dispatched steps; logs them; stops on a non-finite loss."""
+        for done, metrics in pending:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(metrics["loss"]):
+                writer.write(done, metrics)
+                raise NonFiniteLossError(
+                    f"loss is {metrics['loss']} at step {done} (epoch {(done - 1) // per_epoch + 1}); training "
+                    f"stopped. The last good checkpoint is step {ckpt.latest_step()} in {workdir / 'checkpoints'}, "
+                    "and running the same command again resumes from it: lower optim.learning_rate or set "
+                    "optim.clip_grad_norm first."
+                )
+            if done % config.train.log_every_steps == 0 or done == total:
+                metrics["lr"] = float(schedule(done - 1))
+                metrics.update(progress.rates(done))
+                writer.write(done, metrics)
+                say(progress.line(done, metrics))
+        pending.clear()
+
+    try:
+        if verifier and config.eval.at_start and start == 0:
+            evaluate(0)
+        for step in range(start, total):
+            batch = sharding.global_batch(next(iterator), mesh)
+            state, metrics = step_fn(state, batch, jax.random.fold_in(state.rng, step))
+            done = step + 1
+            drain()  # the previous step's metrics, while this one runs
+            pending.append((done, metrics))
+            if on_step is not None:
+                on_step(done)
+            epoch_end = done % per_epoch == 0
+            if epoch_end or done % config.train.checkpoint_every_steps == 0:
+                drain()  # never checkpoint a state whose loss has not been checked
+                ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
+            every = config.eval.every_epochs
+            if verifier and epoch_end and every and ((done // per_epoch) % every == 0 or done == total):
+                evaluate(done)
+        drain()
+        if start == total:
+            say(f"{workdir} has already trained all {total} steps")
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        iterator.close()
+    return last_results
+
+
+def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise config_lib.ConfigError(f"{path} not found: is {workdir} a training workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))

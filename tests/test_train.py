@@ -1,0 +1,143 @@
+"""The training loop: exact resume, non-finite losses, config errors, evaluation."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from ssps_jax import config as config_lib
+from ssps_jax import train as train_lib
+from ssps_jax.commands import evaluate
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _losses(workdir):
+    """Per-step training loss; a step logged twice (before and after a resume) keeps the last."""
+    losses = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_dir, tmp_path_factory):
+    """A complete 2-epoch run, evaluated at its end."""
+    config = tiny_config(demo_dir)
+    config.eval.every_epochs = 2
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    results = train_lib.train(config, workdir)
+    return config, workdir, results
+
+
+def test_killed_run_resumes_with_identical_losses(demo_dir, tmp_path, uninterrupted):
+    config, reference_dir, _ = uninterrupted
+    reference = _losses(reference_dir)
+    steps_per_epoch = 240 // 16
+    assert sorted(reference) == list(range(1, 2 * steps_per_epoch + 1))
+    assert reference[2 * steps_per_epoch] < reference[1]  # it learns
+    events = list((reference_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 1000  # TensorBoard scalars written
+
+    def kill_at(step):
+        def hook(done):
+            if done == step:
+                raise Interrupted
+
+        return hook
+
+    workdir = tmp_path / "run"
+    config.eval.every_epochs = 0
+    # Killed mid-epoch 1 (checkpoints every 8 steps: resumes from step 8), then again
+    # just after the epoch-1 checkpoint (resumes from 15 with a fresh input iterator).
+    for kill in (10, 16):
+        with pytest.raises(Interrupted):
+            train_lib.train(config, workdir, on_step=kill_at(kill))
+    train_lib.train(config, workdir)
+    resumed = _losses(workdir)
+    assert sorted(resumed) == sorted(reference)
+    np.testing.assert_allclose(
+        [resumed[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=1e-6
+    )
+
+
+def test_evaluate_command_reproduces_the_training_evaluation(uninterrupted):
+    _, workdir, results = uninterrupted
+    assert set(results) == {"demo_trials"}
+    again = evaluate(str(workdir))
+    assert again["demo_trials"]["eer"] == pytest.approx(results["demo_trials"]["eer"], abs=1e-9)
+    assert again["demo_trials"]["min_dcf"] == pytest.approx(results["demo_trials"]["min_dcf"], abs=1e-9)
+    out = workdir / "eval" / "step_30"
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["results"]["demo_trials"]["trials"] == results["demo_trials"]["trials"]
+    scores = (out / "demo_trials.scores.txt").read_text().splitlines()
+    assert len(scores) == results["demo_trials"]["trials"]
+    assert all(-1.0 - 1e-6 <= float(line.split()[0]) <= 1.0 + 1e-6 for line in scores)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, tmp_path):
+    config = tiny_config(demo_dir)
+    config.optim.optimizer = "sgd"
+    config.optim.learning_rate = 1e30  # diverges within a few steps
+    workdir = tmp_path / "nan"
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"loss is (nan|inf|-inf) at step (\d+)") as e:
+        train_lib.train(config, workdir)
+    bad_step = int(e.value.args[0].split(" at step ")[1].split()[0])
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < bad_step for s in saved)
+    assert f"last good checkpoint is step {saved[-1] if saved else None}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.encoder", "transformer", "config.model.encoder: must be one of"),
+        ("train.global_batch_size", 12, "config.train.global_batch_size: 12 is not divisible by the 8 devices"),
+        ("train.epochs", 0, "config.train.epochs: must be >= 1"),
+        ("optim.schedule", "linear", "config.optim.schedule: must be one of"),
+        ("data.train_csv", "/nowhere.csv", "config.data.train_csv: file not found"),
+        ("model.ecapa_tdnn.dilations", (1, 2, 3), "config.model.ecapa_tdnn.dilations: needs 5 entries"),
+        ("data.augment.strategy", "chorus", "config.data: augment strategy must be one of"),
+        ("eval.trials", ("/nowhere.txt",), r"config.eval.trials\[0\]: file not found"),
+    ],
+)
+def test_invalid_config_fails_before_compiling(demo_dir, tmp_path, monkeypatch, key, value, message):
+    config = tiny_config(demo_dir)
+    *parents, field = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[field] = value
+    compiled = []
+    monkeypatch.setattr(train_lib, "init_train_state", lambda *a, **k: compiled.append(1))
+    with pytest.raises(config_lib.ConfigError, match=message):
+        train_lib.train(config, tmp_path / "w")
+    assert not compiled
+
+
+def test_cli_rejects_unknown_config_keys(demo_dir, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ssps_jax.cli",
+            "train",
+            "--config",
+            "configs/demo_simclr.py",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.train.epocs=3",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "epocs" in result.stderr
+    assert not (tmp_path / "w").exists()
