@@ -16,7 +16,9 @@ checked while it is read: missing, unreadable, empty and too-short files are
 collected, not fatal one at a time. Unless `skip_bad` is set, preparation
 then stops with one error that lists them all (TFDS discards the unfinished
 dataset; the source files are never touched). A CSV report of every file that
-was skipped or converted (resampled, downmixed) is written either way.
+was skipped or converted (resampled, downmixed) is written either way, and
+`<name>.index.csv` maps every dataset index to its file, speaker and session
+(read by the SSPS diagnostics without decoding any audio).
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def fingerprint(csv_path: Path | str, min_seconds: float) -> str:
 class SpeakerCorpus(tfds.core.GeneratorBasedBuilder):
     """Utterances of a speaker corpus with their dataset index, speaker and session."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Writes <name>.index.csv (dataset index -> labels)."}
     BUILDER_CONFIGS = []  # always given explicitly, see `prepare`
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -112,7 +114,7 @@ class SpeakerCorpus(tfds.core.GeneratorBasedBuilder):
             except audio_io.AudioFileError as e:
                 return e
 
-        report, bad, index = [], [], 0
+        report, bad, kept, index = [], [], [], 0
         with concurrent.futures.ThreadPoolExecutor(cfg.read_threads) as pool:
             for utt, result in zip(utterances, pool.map(load, utterances)):
                 if isinstance(result, audio_io.AudioFileError):
@@ -121,6 +123,7 @@ class SpeakerCorpus(tfds.core.GeneratorBasedBuilder):
                     continue
                 if result.notes:
                     report.append((utt.line, utt.file, "converted", "; ".join(result.notes)))
+                kept.append((index, utt.file, utt.speaker, utt.session))
                 yield (
                     index,
                     {
@@ -134,7 +137,8 @@ class SpeakerCorpus(tfds.core.GeneratorBasedBuilder):
                 index += 1
 
         report_path = Path(cfg.report_path)
-        _write_report(report_path, report)
+        _write_csv(report_path, ["Line", "File", "Status", "Reason"], report)
+        _write_csv(index_path(report_path.parent, cfg.name), ["Index", "File", "Speaker", "Session"], kept)
         converted = sum(1 for r in report if r[2] == "converted")
         if converted:
             logger.warning("%d file(s) converted to 16 kHz mono; see %s", converted, report_path)
@@ -150,12 +154,35 @@ class SpeakerCorpus(tfds.core.GeneratorBasedBuilder):
             raise BadAudioFilesError(f"no usable audio file in {cfg.csv_path}")
 
 
-def _write_report(path: Path, rows: list[tuple[int, str, str, str]]) -> None:
+def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["Line", "File", "Status", "Reason"])
+        writer.writerow(header)
         writer.writerows(rows)
+
+
+def index_path(data_dir: Path | str, name: str) -> Path:
+    return Path(data_dir) / f"{name}.index.csv"
+
+
+def read_labels(path: Path | str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Speaker and session ids of dataset indices 0..size-1 from an index CSV; -1 where unknown.
+
+    For diagnostics only. A session is its name (the video in VoxCeleb), whoever speaks in it.
+    """
+    ids = {"Speaker": {}, "Session": {}}
+    labels = {key: np.full(size, -1, np.int32) for key in ids}
+    path = Path(path)
+    if not path.is_file():
+        logger.warning("%s not found: SSPS speaker/session diagnostics are off", path)
+        return labels["Speaker"], labels["Session"]
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if int(row["Index"]) < size:
+                for key, table in ids.items():
+                    labels[key][int(row["Index"])] = table.setdefault(row[key], len(table))
+    return labels["Speaker"], labels["Session"]
 
 
 def prepare(
@@ -174,7 +201,7 @@ def prepare(
     is an error rather than silently reused.
     """
     csv_path, data_dir = Path(csv_path).resolve(), Path(data_dir).resolve()
-    name = name or _config_name(csv_path.stem)
+    name = name or config_name(csv_path)
     config = SpeakerCorpusConfig(
         name=name,
         description=f"Utterances listed in {csv_path.name}.",
@@ -199,7 +226,7 @@ def prepare(
     return builder
 
 
-def _config_name(stem: str) -> str:
-    """TFDS config names must be identifiers-ish: keep letters, digits and '_'."""
-    cleaned = "".join(c if c.isalnum() else "_" for c in stem)
+def config_name(csv_path: Path | str) -> str:
+    """The dataset's TFDS config name: the CSV's file name, letters, digits and '_' only."""
+    cleaned = "".join(c if c.isalnum() else "_" for c in Path(csv_path).stem)
     return cleaned if cleaned[:1].isalpha() else f"c_{cleaned}"
