@@ -1,0 +1,1 @@
+"""Self-Supervised Positive Sampling: on-device memory queues, clustering and sampling."""
