@@ -7,13 +7,8 @@ evaluated on VoxCeleb1-O. Paths follow the layout of README "VoxCeleb from a
 manual download"; override them with --config.data.base_dir=... etc.
 """
 
-from ssps_jax.config import base_config, use_voxceleb
+from ssps_jax.config import base_config, paper_ecapa_tdnn, use_voxceleb
 
 
 def get_config():
-    config = use_voxceleb(base_config())
-    config.model.encoder = "ecapa_tdnn"
-    config.model.ecapa_tdnn.channels = (1024, 1024, 1024, 1024, 3072)
-    config.model.mel.n_mels = 40
-    config.model.mel.window = "hamming"
-    return config
+    return paper_ecapa_tdnn(use_voxceleb(base_config()))

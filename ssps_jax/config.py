@@ -6,7 +6,8 @@ and names the offending key (`config.model.channels: ...`).
 
 Defaults are sslsv's (SPEC section 8): Adam, lr 1e-3 x 0.95 every 5 epochs,
 global batch 256, no weight decay, 2 s crops, SimCLR temperature 0.03
-without projector (the SSPS paper's SimCLR config).
+without projector (the SSPS paper's SimCLR config). SSPS is off unless
+`ssps.enabled`; its defaults are the paper's main setting (SPEC section 5).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ml_collections
 
 from data_pipelines import input_pipeline
 from data_pipelines.errors import InputError
+from ssps_jax.ssps.sampling import METHODS as SSPS_METHODS
 
 ENCODERS = ("ecapa_tdnn", "resnet34")
 METHODS = ("simclr",)
@@ -76,6 +78,22 @@ def base_config() -> ml_collections.ConfigDict:
         "momentum": 0.9,  # sgd
         "clip_grad_norm": 0.0,  # 0: off
     }
+    c.ssps = {
+        "enabled": False,
+        "start_epoch": 100,  # queues fill from start_epoch - 1, clustering and sampling from start_epoch
+        "sampling": "kmeans-repr",  # kmeans-repr (SSPS-Clustering) | kmeans (centroid) | knn (SSPS-NN)
+        "pos_queue_size": 25000,  # Q' capacity, rounded down to a multiple of the global batch
+        "kmeans_clusters": 25000,  # K
+        "kmeans_iterations": 10,
+        "inter_sampling_size": 1,  # M: neighbour clusters to draw from (0: the anchor's own cluster)
+        "inter_sampling_prob": "uniform",  # or "exp": lambda exp(-lambda rank)
+        "inter_sampling_lambda": 0.7,
+        "intra_sampling_size": 1,  # knn: draw among the top-M queue rows
+        "intra_sampling_prob": "uniform",  # or "exp" (knn only)
+        "intra_sampling_lambda": 0.7,
+        "queue_dtype": "float32",  # or "bfloat16": half the queue memory
+        "kmeans_chunk_elements": 1 << 26,  # bounds the E-step's rows x K similarity block
+    }
     c.eval = {
         "trials": (),  # VoxCeleb-format trial lists; names are their file names
         "base_dir": "",  # their paths are relative to it; "" means data.base_dir
@@ -98,6 +116,33 @@ def use_voxceleb(config: ml_collections.ConfigDict, data_dir: str = "data") -> m
     config.eval.trials = (f"{data_dir}/voxceleb1_test_O",)
     config.eval.every_epochs = 5
     config.eval.batch_size = 64
+    return config
+
+
+def paper_ecapa_tdnn(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The papers' encoder: ECAPA-TDNN C=1024 (22.5 M parameters) on 40 Hamming log-mels (sslsv defaults)."""
+    config.model.encoder = "ecapa_tdnn"
+    config.model.ecapa_tdnn.channels = (1024, 1024, 1024, 1024, 3072)
+    config.model.mel.n_mels = 40
+    config.model.mel.window = "hamming"
+    return config
+
+
+def use_demo(config: ml_collections.ConfigDict, data_dir: str = "demo_data") -> ml_collections.ConfigDict:
+    """The CPU demo's setting: ECAPA-TDNN C=128 on the embedded corpus (`ssps-jax prepare-demo`), batch 64."""
+    config.model.encoder = "ecapa_tdnn"
+    config.model.encoder_dim = 128
+    config.model.ecapa_tdnn.channels = (128, 128, 128, 128, 384)
+    config.model.ecapa_tdnn.attention_channels = 64
+    config.model.ecapa_tdnn.se_channels = 32
+    config.data.train_csv = f"{data_dir}/demo_train.csv"
+    config.data.base_dir = data_dir
+    config.data.workers = 1
+    config.train.global_batch_size = 64
+    config.eval.trials = (f"{data_dir}/demo_trials.txt",)
+    config.eval.batch_size = 32
+    config.eval.bucket_ratio = 1.5
+    config.eval.min_bucket_seconds = 3.0
     return config
 
 
@@ -176,6 +221,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     except (InputError, TypeError) as e:
         _fail("data", str(e))
 
+    _validate_ssps(config)
+
     for i, trials in enumerate(config.eval.trials):
         if not Path(trials).is_file():
             _fail(f"eval.trials[{i}]", f"file not found: {trials}")
@@ -183,3 +230,39 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         _fail("eval.bucket_ratio", f"must be > 1, got {config.eval.bucket_ratio}")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
+
+
+def _validate_ssps(config: ml_collections.ConfigDict) -> None:
+    s = config.ssps
+    if not s.enabled:
+        return
+    _check_choice(config, "ssps.sampling", SSPS_METHODS)
+    _check_choice(config, "ssps.inter_sampling_prob", ("uniform", "exp"))
+    _check_choice(config, "ssps.intra_sampling_prob", ("uniform", "exp"))
+    _check_choice(config, "ssps.queue_dtype", DTYPES)
+    if s.start_epoch < 1:
+        _fail("ssps.start_epoch", f"must be >= 1 (queues fill during epoch start_epoch - 1), got {s.start_epoch}")
+    if s.pos_queue_size < config.train.global_batch_size:
+        _fail("ssps.pos_queue_size", f"{s.pos_queue_size} is smaller than one global batch")
+    if config.data.crops.reference_seconds <= 0:
+        _fail("data.crops.reference_seconds", "SSPS needs the clean reference crop (> 0 s)")
+    if s.sampling != "knn":
+        if s.kmeans_clusters < 1 or s.kmeans_iterations < 0 or s.inter_sampling_size < 0:
+            _fail("ssps", "kmeans_clusters >= 1, kmeans_iterations >= 0 and inter_sampling_size >= 0 are needed")
+        if s.inter_sampling_size >= s.kmeans_clusters:
+            _fail("ssps.inter_sampling_size", f"{s.inter_sampling_size} must be < kmeans_clusters {s.kmeans_clusters}")
+        if s.intra_sampling_prob != "uniform":
+            # sslsv ranks kmeans-repr candidates in queue order, which carries no meaning.
+            _fail("ssps.intra_sampling_prob", "only 'uniform' is supported for the clustering variants")
+    elif s.intra_sampling_size < 1:
+        _fail("ssps.intra_sampling_size", f"must be >= 1, got {s.intra_sampling_size}")
+    if (
+        s.sampling == "kmeans"
+        and config.simclr.projector
+        and config.simclr.projector_output_dim != config.model.encoder_dim
+    ):
+        _fail(
+            "ssps.sampling",
+            "'kmeans' puts a centroid of encoder outputs in place of a projector output: "
+            "needs simclr.projector_output_dim == model.encoder_dim",
+        )

@@ -9,6 +9,11 @@ Step metrics are fetched one step late, so the host prepares batch s+1 while
 the devices run step s. A non-finite loss stops the run with its step
 number; checkpoints are only written once every earlier loss has been
 checked, so the latest checkpoint is always a good one.
+
+With SSPS, two step programs exist (with and without the queues) and the
+epoch picks one; clustering runs at the start of every epoch from
+`ssps.start_epoch` on (unless the state already holds that epoch's, as after
+a resume mid-epoch), and logs its time and NMI against speakers and sessions.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from data_pipelines import input_pipeline
+from data_pipelines import input_pipeline, speaker_corpus
 from ssps_jax import checkpoint, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.evaluation.embedding import Embedder
@@ -31,7 +37,11 @@ from ssps_jax.evaluation.verification import Verifier
 from ssps_jax.methods import build_model
 from ssps_jax.observe import MetricWriter, Progress, say
 from ssps_jax.optim import make_optimizer
-from ssps_jax.train_state import TrainState, init_train_state
+from ssps_jax.ssps import sampling
+from ssps_jax.ssps.clustering import make_cluster_fn, nmi
+from ssps_jax.ssps.state import init_ssps_state
+from ssps_jax.ssps.step import SSPSStep
+from ssps_jax.train_state import TrainState, init_train_state, partition_specs
 from ssps_jax.train_step import make_train_step
 
 
@@ -61,6 +71,54 @@ def variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+def init_ssps(config: ml_collections.ConfigDict, mesh, dataset_size: int, steps_per_epoch: int):
+    """Empty queues sized for this dataset and batch; the diagnostics' labels."""
+    s, batch = config.ssps, config.train.global_batch_size
+    pos_capacity = s.pos_queue_size - s.pos_queue_size % batch
+    # The reference queue holds one epoch (SPEC 3); for knn it is aligned with Q' instead.
+    ref_capacity = pos_capacity if s.sampling == "knn" else steps_per_epoch * batch
+    if s.sampling != "knn" and s.kmeans_clusters > ref_capacity:
+        raise config_lib.ConfigError(
+            f"config.ssps.kmeans_clusters: {s.kmeans_clusters} clusters for a reference queue of {ref_capacity} rows"
+        )
+    data_dir = config.data.tfds_dir or Path(config.data.base_dir) / "tfds"
+    speaker, session = speaker_corpus.read_labels(
+        speaker_corpus.index_path(data_dir, speaker_corpus.config_name(config.data.train_csv)), dataset_size
+    )
+    return init_ssps_state(
+        mesh,
+        dataset_size=dataset_size,
+        global_batch=batch,
+        ref_capacity=ref_capacity,
+        pos_capacity=pos_capacity,
+        ref_dim=config.model.encoder_dim,
+        pos_dim=config.simclr.projector_output_dim if config.simclr.projector else config.model.encoder_dim,
+        views=1,
+        clusters=s.kmeans_clusters if s.sampling != "knn" else 1,
+        neighbours=s.inter_sampling_size,
+        dtype=jnp.dtype(s.queue_dtype),
+        speaker=speaker,
+        session=session,
+    )
+
+
+def ssps_step_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) -> SSPSStep:
+    s = config.ssps
+    return SSPSStep(
+        sampling=sampling.SamplingConfig(
+            method=s.sampling,
+            inter_size=s.inter_sampling_size,
+            inter_exp=s.inter_sampling_prob == "exp",
+            inter_lambda=s.inter_sampling_lambda,
+            intra_size=s.intra_sampling_size,
+            intra_exp=s.intra_sampling_prob == "exp",
+            intra_lambda=s.intra_sampling_lambda,
+        ),
+        start_epoch=s.start_epoch,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
 def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if jax.process_index() != 0:
         return
@@ -75,12 +133,12 @@ def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, TrainState], None] | None = None,
 ) -> dict:
     """Trains or resumes; returns the last evaluation's results ({} if none ran).
 
-    `on_step(steps_done)` is called after each step is dispatched (tests use it
-    to interrupt a run).
+    `on_step(steps_done, state)` is called after each step is dispatched (tests
+    use it to look at the state, or to interrupt a run).
     """
     workdir = Path(workdir)
     mesh = sharding.make_mesh()
@@ -96,6 +154,9 @@ def train(
     tx, schedule = make_optimizer(config.optim, per_epoch, total)
     frame = round(config.data.crops.frame_seconds * 16000)
     state = init_train_state(model, tx, config.seed, jax.ShapeDtypeStruct((2, 2, frame), jnp.float32), mesh)
+    use_ssps = config.ssps.enabled
+    if use_ssps:
+        state = state.replace(ssps=init_ssps(config, mesh, len(source), per_epoch))
     verifier = make_verifier(config, model, mesh)  # reads the test audio: fails before workers start
 
     dataset = input_pipeline.train_dataset(
@@ -111,7 +172,10 @@ def train(
         workdir / "checkpoints", config.train.keep_checkpoints, config.train.async_checkpoints
     )
     if (latest := ckpt.latest_step()) is not None:
+        fresh = state.ssps
         state, _ = ckpt.restore(latest, state, iterator)
+        if use_ssps:  # labels are data, not training state: this dataset's, not the checkpoint's
+            state = state.replace(ssps=state.ssps.replace(speaker=fresh.speaker, session=fresh.session))
         say(f"resumed from the checkpoint of step {latest} in {workdir}")
     start = int(state.step)
     say(
@@ -139,7 +203,38 @@ def train(
             )
         last_results = results
 
-    step_fn = make_train_step(model, tx, mesh, config.simclr.temperature)
+    specs = partition_specs(state)
+    plain_step = make_train_step(model, tx, mesh, config.simclr.temperature, specs)
+    if use_ssps:
+        ssps_step = make_train_step(
+            model, tx, mesh, config.simclr.temperature, specs, ssps_step_settings(config, per_epoch)
+        )
+        cluster_fn = make_cluster_fn(
+            mesh, config.ssps.kmeans_iterations, config.ssps.inter_sampling_size, config.ssps.kmeans_chunk_elements
+        )
+        clustered_epoch = int(state.ssps.clustered_epoch)
+        labels = {"speaker": np.asarray(state.ssps.speaker), "session": np.asarray(state.ssps.session)}
+
+    def cluster(epoch: int) -> None:
+        """k-means of the reference queue for `epoch`; logs its time and the NMI diagnostics."""
+        nonlocal state, clustered_epoch
+        started = time.perf_counter()
+        key = jax.random.fold_in(jax.random.split(state.rng)[1], epoch)
+        state = state.replace(ssps=cluster_fn(state.ssps, key, jnp.int32(epoch)))
+        assignment = np.asarray(state.ssps.assignment.addressable_data(0))
+        seconds = time.perf_counter() - started
+        clustered_epoch = epoch
+        present = assignment >= 0
+        scalars = {"kmeans_seconds": seconds, "clusters_used": float(len(np.unique(assignment[present])))}
+        for name, y in labels.items():
+            if np.all(y[present] >= 0):
+                scalars[f"nmi_{name}"] = nmi(y[present], assignment[present])
+        writer.write(epoch * per_epoch, scalars, kind="ssps")
+        say(
+            f"ssps epoch {epoch + 1}: k-means in {seconds:.1f} s; "
+            + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items() if k != "kmeans_seconds")
+        )
+
     progress = Progress(total, per_epoch, batch_size, start, config.train.log_every_steps)
     pending: list[tuple[int, dict]] = []
 
@@ -166,13 +261,19 @@ def train(
         if verifier and config.eval.at_start and start == 0:
             evaluate(0)
         for step in range(start, total):
+            epoch = step // per_epoch
+            step_fn = plain_step
+            if use_ssps and epoch >= config.ssps.start_epoch - 1:
+                step_fn = ssps_step
+                if epoch >= config.ssps.start_epoch and config.ssps.sampling != "knn" and clustered_epoch != epoch:
+                    cluster(epoch)
             batch = sharding.global_batch(next(iterator), mesh)
             state, metrics = step_fn(state, batch, jax.random.fold_in(state.rng, step))
             done = step + 1
             drain()  # the previous step's metrics, while this one runs
             pending.append((done, metrics))
             if on_step is not None:
-                on_step(done)
+                on_step(done, state)
             epoch_end = done % per_epoch == 0
             if epoch_end or done % config.train.checkpoint_every_steps == 0:
                 drain()  # never checkpoint a state whose loss has not been checked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -10,8 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from ssps_jax import sharding
+from ssps_jax.ssps.state import SSPSState
+from ssps_jax.ssps.state import partition_specs as ssps_partition_specs
 
 
 @flax.struct.dataclass
@@ -21,6 +25,24 @@ class TrainState:
     batch_stats: Any  # BatchNorm running statistics
     opt_state: Any
     rng: jax.Array  # base PRNG key (raw uint32[2]); step keys are fold_in(rng, step)
+    ssps: SSPSState | None = None  # memory queues and clustering, when SSPS is configured
+
+
+def partition_specs(state: TrainState) -> TrainState:
+    """Layout of every field on the mesh: all replicated but the SSPS queues."""
+    return TrainState(
+        step=P(),
+        params=P(),
+        batch_stats=P(),
+        opt_state=P(),
+        rng=P(),
+        ssps=None if state.ssps is None else ssps_partition_specs(),
+    )
+
+
+def as_dict(state: TrainState) -> dict:
+    """Top-level fields that are set, by name (what a checkpoint stores)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
 
 
 def init_train_state(

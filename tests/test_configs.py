@@ -43,3 +43,19 @@ def test_paper_simclr_configs(name, encoder):
     assert config.model.mel.n_mels == 40
     if encoder == "ecapa_tdnn":
         assert tuple(config.model.ecapa_tdnn.channels) == (1024, 1024, 1024, 1024, 3072)
+
+
+@pytest.mark.parametrize(
+    "name, sampling, clusters, neighbours, queue, epochs",
+    [
+        ("simclr_ssps_ecapa", "kmeans-repr", 25000, 1, 25000, 120),
+        ("simclr_ssps_ecapa_6k", "kmeans-repr", 6000, 0, 6000, 110),
+    ],
+)
+def test_paper_ssps_configs(name, sampling, clusters, neighbours, queue, epochs):
+    config = _load(next(p for p in CONFIGS if p.stem == name))
+    s = config.ssps
+    assert s.enabled and (s.sampling, s.start_epoch, s.kmeans_iterations) == (sampling, 100, 10)
+    assert (s.kmeans_clusters, s.inter_sampling_size, s.pos_queue_size) == (clusters, neighbours, queue)
+    assert config.train.epochs == epochs
+    assert tuple(config.model.ecapa_tdnn.channels) == (1024, 1024, 1024, 1024, 3072)

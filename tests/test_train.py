@@ -47,7 +47,7 @@ def test_killed_run_resumes_with_identical_losses(demo_dir, tmp_path, uninterrup
     assert events and events[0].stat().st_size > 1000  # TensorBoard scalars written
 
     def kill_at(step):
-        def hook(done):
+        def hook(done, state):
             if done == step:
                 raise Interrupted
 
