@@ -3,6 +3,7 @@
 ssps-jax prepare-demo OUT     write the embedded demo corpus (sslsv layout)
 ssps-jax make-csv ROOT        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
 ssps-jax prepare              build the TFDS ArrayRecords of a train CSV
+ssps-jax bench-ssps           time k-means and SSPS sampling at a given size
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"{builder.info.splits['train'].num_examples} utterances in {builder.data_path}")
 
 
+def _bench_ssps(args: argparse.Namespace) -> None:
+    from ssps_jax.bench import ssps
+
+    ssps.main(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssps-jax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -111,6 +118,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-seconds", type=float, default=0.5, help="shorter files are bad input")
     p.add_argument("--skip-bad", action="store_true", help="prepare the good files, list the bad ones")
     p.set_defaults(fn=_prepare)
+
+    p = sub.add_parser("bench-ssps", help="time one k-means run and SSPS sampling per step on the devices present")
+    # Defaults: SPEC section 11's CPU comparison point with sslsv (N 100k, K 5k, B 256, Q' 25k).
+    for name, default, what in (
+        ("n", 100_000, "dataset size = reference queue rows"),
+        ("k", 5_000, "clusters"),
+        ("dim", 512, "embedding dimension"),
+        ("batch", 256, "global batch"),
+        ("queue", 25_000, "positive queue Q'"),
+        ("iterations", 10, "k-means iterations"),
+        ("neighbours", 1, "M: neighbour clusters"),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
+    p.add_argument("--sampling", default="kmeans-repr", choices=("kmeans-repr", "kmeans", "knn"))
+    p.add_argument("--queue-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--repeats", type=int, default=3, help="timed k-means runs (median)")
+    p.add_argument("--steps", type=int, default=20, help="timed sampling steps (median)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(fn=_bench_ssps)
     return parser
 
 
@@ -123,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is noise here
     from data_pipelines.errors import InputError
 
     try:
