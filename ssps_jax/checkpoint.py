@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ssps_jax.ssps.state import RESTORE_GROUPS, SSPSState
 from ssps_jax.train_state import TrainState, as_dict
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,16 @@ class Checkpointer:
 
         Also moves `iterator` to the checkpoint's position in the input stream.
         """
-        saved = set(self.manager.item_metadata(step)["state"].keys())
+        metadata = self.manager.item_metadata(step)["state"]
+        saved = set(metadata.keys())
         wanted = as_dict(like)
         if missing := sorted(set(wanted) - saved):
             logger.warning("checkpoint %d has no %s: kept as initialised", step, ", ".join(missing))
         if dropped := sorted(saved - set(wanted)):
             logger.warning("checkpoint %d has %s, which this run does not use: not restored", step, ", ".join(dropped))
         wanted = {k: v for k, v in wanted.items() if k in saved}
+        if "ssps" in wanted:
+            wanted["ssps"] = _restorable_ssps(metadata["ssps"], like.ssps, step)
         target = jax.tree.map(
             lambda x: np.empty(x.shape, x.dtype) if x.is_fully_replicated else ocp.utils.to_shape_dtype_struct(x),
             wanted,
@@ -94,6 +98,8 @@ class Checkpointer:
             dict(restored["state"]),
             wanted,
         )
+        if "ssps" in fields:
+            fields["ssps"] = like.ssps.replace(**fields["ssps"])
         return like.replace(**fields), restored["meta"]
 
     def wait(self) -> None:
@@ -101,6 +107,23 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _restorable_ssps(saved: dict, fresh: SSPSState, step: int) -> dict:
+    """The SSPS fields to restore: whole groups whose saved shapes match this run's."""
+    fields, fresh_groups = {}, []
+    for group in RESTORE_GROUPS:
+        if all(name in saved and tuple(saved[name].shape) == getattr(fresh, name).shape for name in group):
+            fields.update({name: getattr(fresh, name) for name in group})
+        else:
+            fresh_groups.append("/".join(group))
+    if fresh_groups:
+        logger.warning(
+            "checkpoint %d: SSPS %s saved with other sizes than this run's: started fresh",
+            step,
+            ", ".join(fresh_groups),
+        )
+    return fields
 
 
 def _host_copies(state):

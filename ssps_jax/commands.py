@@ -1,4 +1,4 @@
-"""`ssps-jax train`, `ssps-jax evaluate` and `ssps-jax demo`.
+"""`ssps-jax train`, `ssps-jax evaluate` and `ssps-jax demo` (ssps_jax/demo.py).
 
 train and evaluate take absl flags, so configs are ml_collections config
 files with command-line overrides:
@@ -9,13 +9,10 @@ files with command-line overrides:
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import jax
-import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -21,7 +21,7 @@ from data_pipelines.errors import InputError
 from ssps_jax.ssps.sampling import METHODS as SSPS_METHODS
 
 ENCODERS = ("ecapa_tdnn", "resnet34")
-METHODS = ("simclr",)
+METHODS = ("simclr", "dino")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "warmup_cosine", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -41,6 +41,19 @@ def base_config() -> ml_collections.ConfigDict:
         "projector_hidden_dim": 2048,
         "projector_output_dim": 128,
     }
+    c.dino = {  # sslsv's DINO defaults (SPEC section 6)
+        "head_hidden_dim": 2048,
+        "head_bottleneck_dim": 256,
+        "head_output_dim": 65536,
+        "student_temperature": 0.1,
+        "teacher_temperature": 0.04,
+        "teacher_temperature_warmup": 0.04,  # linear from this to teacher_temperature ...
+        "teacher_temperature_warmup_epochs": 10,  # ... over these epochs (equal values: no warm-up)
+        "center_momentum": 0.9,
+        "start_tau": 0.996,  # teacher EMA momentum, by a half cosine to end_tau over training
+        "end_tau": 1.0,
+        "freeze_last_layer_epochs": 1,
+    }
     c.model = {
         "encoder": "ecapa_tdnn",
         "encoder_dim": 512,
@@ -59,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     }
     c.data = input_pipeline.default_config()
     c.train = {
-        "epochs": 100,
+        "epochs": 100,  # the length schedules are laid out for
+        "stop_at_epoch": 0,  # stop (and evaluate) after this epoch; 0: train.epochs (sslsv's stop_at_epoch)
         "global_batch_size": 256,
         "log_every_steps": 50,
         "checkpoint_every_steps": 1000,  # and at every epoch end
@@ -77,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
         "weight_decay": 0.0,  # L2 added to the gradient, like torch's Adam/SGD weight_decay
         "momentum": 0.9,  # sgd
         "clip_grad_norm": 0.0,  # 0: off
+        "clip_grad_per_param": 0.0,  # DINO: each tensor's gradient norm <= this; 0: off
+        "decay_biases_and_norms": True,  # False: weight decay on weights (ndim > 1) only
     }
     c.ssps = {
         "enabled": False,
@@ -125,6 +141,21 @@ def paper_ecapa_tdnn(config: ml_collections.ConfigDict) -> ml_collections.Config
     config.model.ecapa_tdnn.channels = (1024, 1024, 1024, 1024, 3072)
     config.model.mel.n_mels = 40
     config.model.mel.window = "hamming"
+    return config
+
+
+def use_dino(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DINO as sslsv trains it (SPEC section 6): multi-crop views, SGD 0.2 with momentum 0.9, weight decay
+    5e-5 except on biases and norms, gradients clipped at 3.0 per tensor, augmentation strategy 'all'."""
+    config.method = "dino"
+    config.data.crops.mode = "dino"
+    config.data.augment.strategy = "all"
+    config.optim.optimizer = "sgd"
+    config.optim.learning_rate = 0.2
+    config.optim.momentum = 0.9
+    config.optim.weight_decay = 5e-5
+    config.optim.decay_biases_and_norms = False
+    config.optim.clip_grad_per_param = 3.0
     return config
 
 
@@ -191,18 +222,22 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         if len(r.layers) != 4 or r.base_dim < 8:
             _fail("model.resnet34", f"needs 4 layer counts and base_dim >= 8, got {tuple(r.layers)}, {r.base_dim}")
 
-    if config.simclr.temperature <= 0:
+    if config.method == "simclr" and config.simclr.temperature <= 0:
         _fail("simclr.temperature", f"must be > 0, got {config.simclr.temperature}")
+    if config.method == "dino":
+        _validate_dino(config)
     t = config.train
     for key in ("epochs", "global_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if t[key] < 1:
             _fail(f"train.{key}", f"must be >= 1, got {t[key]}")
+    if not 0 <= t.stop_at_epoch <= t.epochs:
+        _fail("train.stop_at_epoch", f"must be in [0, train.epochs = {t.epochs}], got {t.stop_at_epoch}")
     if device_count and t.global_batch_size % device_count:
         _fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by the {device_count} devices")
     o = config.optim
     if o.learning_rate <= 0:
         _fail("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
-    for key in ("weight_decay", "clip_grad_norm", "min_learning_rate", "warmup_epochs"):
+    for key in ("weight_decay", "clip_grad_norm", "clip_grad_per_param", "min_learning_rate", "warmup_epochs"):
         if o[key] < 0:
             _fail(f"optim.{key}", f"must be >= 0, got {o[key]}")
 
@@ -214,8 +249,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         _fail("data.train_csv", f"file not found: {d.train_csv}")
     if not Path(d.base_dir).is_dir():
         _fail("data.base_dir", f"folder not found: {d.base_dir}")
-    if d.crops.mode != "siamese":
-        _fail("data.crops.mode", f"SimCLR needs 'siamese' crops, got {d.crops.mode!r}")
+    mode = "dino" if config.method == "dino" else "siamese"
+    if d.crops.mode != mode:
+        _fail("data.crops.mode", f"{config.method} needs {mode!r} crops, got {d.crops.mode!r}")
     try:  # builds the crop and augmentation settings, and lists the noise / RIR folders
         input_pipeline.make_examples(d)
     except (InputError, TypeError) as e:
@@ -230,6 +266,25 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         _fail("eval.bucket_ratio", f"must be > 1, got {config.eval.bucket_ratio}")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
+
+
+def _validate_dino(config: ml_collections.ConfigDict) -> None:
+    d = config.dino
+    for key in ("head_hidden_dim", "head_bottleneck_dim", "head_output_dim"):
+        if d[key] < 1:
+            _fail(f"dino.{key}", f"must be >= 1, got {d[key]}")
+    for key in ("student_temperature", "teacher_temperature", "teacher_temperature_warmup"):
+        if d[key] <= 0:
+            _fail(f"dino.{key}", f"must be > 0, got {d[key]}")
+    for key in ("center_momentum", "start_tau", "end_tau"):
+        if not 0 <= d[key] <= 1:
+            _fail(f"dino.{key}", f"must be in [0, 1], got {d[key]}")
+    if d.start_tau > d.end_tau:
+        _fail("dino.start_tau", f"{d.start_tau} is above end_tau {d.end_tau}")
+    if d.freeze_last_layer_epochs < 0 or d.teacher_temperature_warmup_epochs < 0:
+        _fail("dino", "freeze_last_layer_epochs and teacher_temperature_warmup_epochs must be >= 0")
+    if config.data.crops.global_count < 1:
+        _fail("data.crops.global_count", f"DINO needs global views, got {config.data.crops.global_count}")
 
 
 def _validate_ssps(config: ml_collections.ConfigDict) -> None:
@@ -256,8 +311,11 @@ def _validate_ssps(config: ml_collections.ConfigDict) -> None:
             _fail("ssps.intra_sampling_prob", "only 'uniform' is supported for the clustering variants")
     elif s.intra_sampling_size < 1:
         _fail("ssps.intra_sampling_size", f"must be >= 1, got {s.intra_sampling_size}")
+    if s.sampling == "kmeans" and config.method == "dino":
+        _fail("ssps.sampling", "'kmeans' puts a centroid of encoder outputs in place of a DINO head output")
     if (
         s.sampling == "kmeans"
+        and config.method == "simclr"
         and config.simclr.projector
         and config.simclr.projector_output_dim != config.model.encoder_dim
     ):

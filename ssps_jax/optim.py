@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -25,21 +30,61 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: in
     return optax.constant_schedule(lr)
 
 
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scales each parameter's gradient to norm <= max_norm, separately (sslsv's DINO clipping).
+
+    optax's clip_by_global_norm clips the norm of all gradients together; DINO
+    clips every tensor on its own: g * min(1, max_norm / (||g|| + 1e-6)).
+    """
+
+    def clip(updates, state, params=None):
+        del params
+        scale = lambda g: g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g) + 1e-6))  # noqa: E731
+        return jax.tree.map(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
+
+
+def _matrices(params):
+    """True for weights, False for 1-D parameters (biases, norm scales): what weight decay applies to."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(
-    optim: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+    optim: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    total_steps: int,
+    frozen_at_start: Callable[[Any], Any] | None = None,
+    frozen_epochs: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer and its schedule (returned separately, for logging)."""
+    """The optimizer and its schedule (returned separately, for logging).
+
+    `frozen_at_start(params)` -> a bool tree of parameters left untouched
+    (no update, no weight decay, no momentum) during the first
+    `frozen_epochs` epochs (DINO's last layer in epoch 0).
+    """
     schedule = learning_rate_schedule(optim, steps_per_epoch, total_steps)
     parts = []
     if optim.clip_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.clip_grad_norm))
-    if optim.weight_decay > 0 and optim.optimizer != "adamw":
-        # torch's Adam/SGD weight_decay: an L2 term added to the gradient.
-        parts.append(optax.add_decayed_weights(optim.weight_decay))
-    if optim.optimizer == "adam":
-        parts.append(optax.adam(schedule))
-    elif optim.optimizer == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=optim.weight_decay))
-    else:
-        parts.append(optax.sgd(schedule, momentum=optim.momentum))
+    if optim.clip_grad_per_param > 0:
+        parts.append(clip_each_by_norm(optim.clip_grad_per_param))
+    mask = None if optim.decay_biases_and_norms else _matrices
+    decay = [optax.add_decayed_weights(optim.weight_decay, mask)] if optim.weight_decay > 0 else []
+    if optim.optimizer == "adam":  # torch's Adam weight_decay: an L2 term added to the gradient
+        direction = optax.chain(*decay, optax.scale_by_adam())
+    elif optim.optimizer == "adamw":  # decoupled: decay added after Adam's scaling
+        direction = optax.chain(optax.scale_by_adam(), *decay)
+    else:  # torch's SGD: d = g + wd p; buf = momentum buf + d
+        direction = optax.chain(*decay, optax.trace(decay=optim.momentum))
+    if frozen_at_start is not None and frozen_epochs > 0:
+        frozen_steps = frozen_epochs * steps_per_epoch
+        direction = optax.multi_transform(
+            {
+                "frozen": optax.transforms.conditionally_mask(direction, lambda count: count >= frozen_steps),
+                "free": direction,
+            },
+            lambda params: jax.tree.map(lambda f: "frozen" if f else "free", frozen_at_start(params)),
+        )
+    parts += [direction, optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts), schedule

@@ -30,19 +30,17 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import input_pipeline, speaker_corpus
-from ssps_jax import checkpoint, sharding
+from ssps_jax import checkpoint, methods, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.evaluation.embedding import Embedder
 from ssps_jax.evaluation.verification import Verifier
-from ssps_jax.methods import build_model
 from ssps_jax.observe import MetricWriter, Progress, say
-from ssps_jax.optim import make_optimizer
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps.clustering import make_cluster_fn, nmi
 from ssps_jax.ssps.state import init_ssps_state
 from ssps_jax.ssps.step import SSPSStep
 from ssps_jax.train_state import TrainState, init_train_state, partition_specs
-from ssps_jax.train_step import make_train_step
+from ssps_jax.train_step import DINOSettings, SimCLRSettings, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,7 +66,28 @@ def make_verifier(config: ml_collections.ConfigDict, model, mesh) -> Verifier | 
 
 
 def variables(state: TrainState) -> dict:
+    """The variables evaluation embeds with: the teacher's for DINO, the model's otherwise."""
+    if state.teacher is not None:
+        return state.teacher
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def method_settings(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
+    """The static settings of the method's train step."""
+    if config.method == "dino":
+        d = config.dino
+        return DINOSettings(
+            student_temperature=d.student_temperature,
+            teacher_temperature=d.teacher_temperature,
+            teacher_temperature_warmup=d.teacher_temperature_warmup,
+            teacher_temperature_warmup_epochs=d.teacher_temperature_warmup_epochs,
+            center_momentum=d.center_momentum,
+            start_tau=d.start_tau,
+            end_tau=d.end_tau,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+        )
+    return SimCLRSettings(temperature=config.simclr.temperature)
 
 
 def init_ssps(config: ml_collections.ConfigDict, mesh, dataset_size: int, steps_per_epoch: int):
@@ -85,6 +104,7 @@ def init_ssps(config: ml_collections.ConfigDict, mesh, dataset_size: int, steps_
     speaker, session = speaker_corpus.read_labels(
         speaker_corpus.index_path(data_dir, speaker_corpus.config_name(config.data.train_csv)), dataset_size
     )
+    views, pos_dim = methods.positive_dim(config)
     return init_ssps_state(
         mesh,
         dataset_size=dataset_size,
@@ -92,8 +112,8 @@ def init_ssps(config: ml_collections.ConfigDict, mesh, dataset_size: int, steps_
         ref_capacity=ref_capacity,
         pos_capacity=pos_capacity,
         ref_dim=config.model.encoder_dim,
-        pos_dim=config.simclr.projector_output_dim if config.simclr.projector else config.model.encoder_dim,
-        views=1,
+        pos_dim=pos_dim,
+        views=views,
         clusters=s.kmeans_clusters if s.sampling != "knn" else 1,
         neighbours=s.inter_sampling_size,
         dtype=jnp.dtype(s.queue_dtype),
@@ -149,11 +169,13 @@ def train(
     source = input_pipeline.load_source(config.data)
     batch_size = config.train.global_batch_size
     per_epoch = input_pipeline.steps_per_epoch(len(source), batch_size)
-    total = config.train.epochs * per_epoch
-    model = build_model(config, bn_axis_name=sharding.DATA)
-    tx, schedule = make_optimizer(config.optim, per_epoch, total)
-    frame = round(config.data.crops.frame_seconds * 16000)
-    state = init_train_state(model, tx, config.seed, jax.ShapeDtypeStruct((2, 2, frame), jnp.float32), mesh)
+    total = config.train.epochs * per_epoch  # what schedules (lr, DINO's tau) span
+    stop = (config.train.stop_at_epoch or config.train.epochs) * per_epoch  # where this run stops
+    model = methods.build_model(config, bn_axis_name=sharding.DATA)
+    tx, schedule = methods.build_optimizer(config, per_epoch, total)
+    state = init_train_state(
+        model, tx, config.seed, methods.example_input(config), mesh, methods.teacher_outputs(config)
+    )
     use_ssps = config.ssps.enabled
     if use_ssps:
         state = state.replace(ssps=init_ssps(config, mesh, len(source), per_epoch))
@@ -204,11 +226,10 @@ def train(
         last_results = results
 
     specs = partition_specs(state)
-    plain_step = make_train_step(model, tx, mesh, config.simclr.temperature, specs)
+    settings = method_settings(config, per_epoch, total)
+    plain_step = make_train_step(model, tx, mesh, settings, specs)
     if use_ssps:
-        ssps_step = make_train_step(
-            model, tx, mesh, config.simclr.temperature, specs, ssps_step_settings(config, per_epoch)
-        )
+        ssps_step = make_train_step(model, tx, mesh, settings, specs, ssps_step_settings(config, per_epoch))
         cluster_fn = make_cluster_fn(
             mesh, config.ssps.kmeans_iterations, config.ssps.inter_sampling_size, config.ssps.kmeans_chunk_elements
         )
@@ -235,13 +256,15 @@ def train(
             + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items() if k != "kmeans_seconds")
         )
 
-    progress = Progress(total, per_epoch, batch_size, start, config.train.log_every_steps)
+    progress = Progress(stop, per_epoch, batch_size, start, config.train.log_every_steps)
     pending: list[tuple[int, dict]] = []
 
     def drain() -> None:
         """Fetches the metrics of dispatched steps; logs them; stops on a non-finite loss."""
         for done, metrics in pending:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            # Diagnostics without a value this step (no pseudo-positive with a known label) are NaN: not logged.
+            metrics = {k: v for k, v in metrics.items() if math.isfinite(v) or k == "loss"}
             if not math.isfinite(metrics["loss"]):
                 writer.write(done, metrics)
                 raise NonFiniteLossError(
@@ -250,7 +273,7 @@ def train(
                     "and running the same command again resumes from it: lower optim.learning_rate or set "
                     "optim.clip_grad_norm first."
                 )
-            if done % config.train.log_every_steps == 0 or done == total:
+            if done % config.train.log_every_steps == 0 or done == stop:
                 metrics["lr"] = float(schedule(done - 1))
                 metrics.update(progress.rates(done))
                 writer.write(done, metrics)
@@ -260,7 +283,7 @@ def train(
     try:
         if verifier and config.eval.at_start and start == 0:
             evaluate(0)
-        for step in range(start, total):
+        for step in range(start, stop):
             epoch = step // per_epoch
             step_fn = plain_step
             if use_ssps and epoch >= config.ssps.start_epoch - 1:
@@ -279,11 +302,11 @@ def train(
                 drain()  # never checkpoint a state whose loss has not been checked
                 ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
             every = config.eval.every_epochs
-            if verifier and epoch_end and every and ((done // per_epoch) % every == 0 or done == total):
+            if verifier and epoch_end and every and ((done // per_epoch) % every == 0 or done == stop):
                 evaluate(done)
         drain()
-        if start == total:
-            say(f"{workdir} has already trained all {total} steps")
+        if start >= stop:
+            say(f"{workdir} has already trained all {stop} steps")
     finally:
         ckpt.wait()
         ckpt.close()

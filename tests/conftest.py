@@ -74,3 +74,22 @@ def tiny_config(demo_dir):
     c.eval.min_bucket_seconds = 1.0
     c.eval.bucket_ratio = 2.0
     return c
+
+
+def tiny_dino_config(demo_dir):
+    """tiny_config as DINO: a small head, 1 s global and 0.5 s local crops, sslsv's DINO optimisation."""
+    c = tiny_config(demo_dir)
+    c.method = "dino"
+    c.dino.head_hidden_dim = 32
+    c.dino.head_bottleneck_dim = 8
+    c.dino.head_output_dim = 64
+    c.data.crops.mode = "dino"
+    c.data.crops.global_seconds = 1.0
+    c.data.crops.local_seconds = 0.5
+    c.data.crops.reference_seconds = 1.0
+    c.optim.optimizer = "sgd"
+    c.optim.learning_rate = 0.2
+    c.optim.weight_decay = 5e-5
+    c.optim.decay_biases_and_norms = False
+    c.optim.clip_grad_per_param = 3.0
+    return c

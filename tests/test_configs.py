@@ -59,3 +59,21 @@ def test_paper_ssps_configs(name, sampling, clusters, neighbours, queue, epochs)
     assert (s.kmeans_clusters, s.inter_sampling_size, s.pos_queue_size) == (clusters, neighbours, queue)
     assert config.train.epochs == epochs
     assert tuple(config.model.ecapa_tdnn.channels) == (1024, 1024, 1024, 1024, 3072)
+
+
+def test_paper_dino_ssps_config():
+    config = _load(next(p for p in CONFIGS if p.stem == "dino_ssps_ecapa"))
+    assert (config.method, config.data.crops.mode) == ("dino", "dino")
+    assert (config.model.mel.n_mels, config.model.mel.window) == (80, "hann")
+    assert tuple(config.model.ecapa_tdnn.channels) == (1024, 1024, 1024, 1024, 3072)
+    assert (config.train.global_batch_size, config.train.epochs, config.ssps.start_epoch) == (128, 100, 80)
+    assert (config.optim.optimizer, config.optim.learning_rate, config.optim.weight_decay) == ("sgd", 0.2, 5e-5)
+    assert (config.optim.clip_grad_per_param, config.optim.decay_biases_and_norms) == (3.0, False)
+    d = config.dino
+    assert (d.head_hidden_dim, d.head_bottleneck_dim, d.head_output_dim) == (2048, 2048 // 8, 65536)
+    assert (d.student_temperature, d.teacher_temperature, d.center_momentum) == (0.1, 0.04, 0.9)
+    assert (d.start_tau, d.end_tau, d.freeze_last_layer_epochs) == (0.996, 1.0, 1)
+    c = config.data.crops
+    assert (c.global_count, c.global_seconds, c.local_count, c.local_seconds) == (2, 4.0, 4, 2.0)
+    s = config.ssps
+    assert (s.sampling, s.kmeans_clusters, s.inter_sampling_size, s.pos_queue_size) == ("kmeans-repr", 25000, 1, 25000)

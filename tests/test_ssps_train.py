@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import jax
 import numpy as np
@@ -107,7 +108,7 @@ def test_schedule_fill_then_cluster_then_sample(uninterrupted):
 
 def test_each_program_compiles_once(uninterrupted):
     *_, compiles = uninterrupted
-    steps = [c for c in compiles if "train_step" in c]
+    steps = [c for c in compiles if "simclr_step" in c]
     clusters = [c for c in compiles if "_cluster" in c]
     assert len(steps) == 2, steps  # one program without the queues, one with
     assert len(clusters) == 1, clusters  # epochs 2 and 3 reuse it
@@ -135,3 +136,21 @@ def test_resume_in_the_ssps_phase_reproduces_the_losses(demo_dir, tmp_path, unin
     resumed = {r["step"]: r["loss"] for r in _records(workdir, "train")}
     assert sorted(resumed) == sorted(reference)
     np.testing.assert_allclose([resumed[s] for s in reference], list(reference.values()), rtol=1e-6)
+
+
+def test_continuing_with_other_ssps_sizes_clusters_again(demo_dir, tmp_path, uninterrupted, caplog):
+    """A finished SSPS run continued with another K: queues restored, clustering redone (no shape error)."""
+    _, reference_dir, states, _ = uninterrupted
+    workdir = tmp_path / "continued"
+    shutil.copytree(reference_dir, workdir)
+    config = ssps_config(demo_dir)
+    config.ssps.kmeans_clusters = 12
+    config.train.epochs = 5
+    seen = {}
+    with caplog.at_level(logging.WARNING, logger="ssps_jax.checkpoint"):
+        train_lib.train(config, workdir, on_step=lambda done, state: seen.setdefault(done, jax.device_get(state.ssps)))
+    assert "assignment/centroids/neighbours/clustered_epoch saved with other sizes" in caplog.text
+    first = seen[4 * STEPS_PER_EPOCH + 1]
+    np.testing.assert_array_equal(first.ref_index[1:], states[4 * STEPS_PER_EPOCH].ssps.ref_index[1:])  # kept
+    assert first.centroids.shape == (12, 16) and int(first.clustered_epoch) == 4  # clustered anew
+    assert _records(workdir, "ssps")[-1]["step"] == 4 * STEPS_PER_EPOCH

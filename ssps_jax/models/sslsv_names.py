@@ -9,7 +9,9 @@ name follows from its Flax path by four rules (docs/sslsv_parameter_mapping.md):
   3. BatchNorm `scale` is `weight`; its batch_stats `mean`/`var` are
      `running_mean`/`running_var` (PyTorch's `num_batches_tracked` has no
      counterpart);
-  4. everything else keeps its name (`bias`, the SAP `attention`).
+  4. everything else keeps its name (`bias`, the SAP `attention`, DINO's
+     weight-normalised `weight_v`, stored (in, out) like a Dense kernel;
+     sslsv's `weight_g` is fixed at 1 and has no counterpart).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def sslsv_name(path: tuple[str, ...], collection: str = "params") -> str:
 
 def to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     """Our array -> the layout of sslsv's tensor of the same name."""
-    if path[-1] != "kernel":
+    if path[-1] not in ("kernel", "weight_v"):
         return value
     if value.ndim == 2:  # Dense (in, out) -> Linear (out, in)
         return value.T

@@ -44,6 +44,18 @@ class SSPSState:
     session: jax.Array
 
 
+# Fields that only mean something together. A checkpoint restores a group only
+# if every field of it has the shape this run expects (K, Q' or the dataset may
+# have changed between runs); otherwise the group starts fresh -- for the
+# clustering that means clustered_epoch = -1, i.e. cluster again.
+RESTORE_GROUPS = (
+    ("ref_index", "ref_emb"),
+    ("pos_index", "pos_emb"),
+    ("assignment", "centroids", "neighbours", "clustered_epoch"),
+    ("speaker", "session"),
+)
+
+
 def partition_specs() -> SSPSState:
     """How each field is laid out on the mesh: queues split along rows, the rest replicated."""
     rows = P(None, DATA)
