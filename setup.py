@@ -26,6 +26,7 @@ setup(
         "soundfile>=0.12",
         "soxr>=0.5",
         "ml-collections>=1.0",
+        "matplotlib>=3.8",  # the demo's DET plot
         "absl-py>=2.1",
         "numpy>=1.26",
         "scipy>=1.12",

@@ -59,8 +59,7 @@ def evaluate_main(argv: list[str]) -> None:
 
 def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None = None, step: int | None = None):
     """Evaluates a checkpoint of `workdir`; writes <workdir>/eval/step_<N>/; returns the results."""
-    from ssps_jax import checkpoint, sharding
-    from ssps_jax.methods import build_model
+    from ssps_jax import checkpoint, methods, sharding
     from ssps_jax.train import load_config, make_verifier, variables
     from ssps_jax.train_state import init_train_state
 
@@ -73,10 +72,12 @@ def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None
     if not config.eval.trials:
         raise InputError("no trial list: pass --trials or set eval.trials in the config")
     mesh = sharding.make_mesh()
-    model = build_model(config)
-    tx, _ = _optimizer_like_training(config)
-    frame = round(config.data.crops.frame_seconds * 16000)
-    state = init_train_state(model, tx, config.seed, jax.ShapeDtypeStruct((2, 2, frame), "float32"), mesh)
+    model = methods.build_model(config)
+    # An optimizer with the training one's state structure (its schedule does not matter here).
+    tx, _ = methods.build_optimizer(config, steps_per_epoch=1, total_steps=max(1, config.train.epochs))
+    state = init_train_state(
+        model, tx, config.seed, methods.example_input(config), mesh, methods.teacher_outputs(config)
+    )
     ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -94,45 +95,14 @@ def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None
     return results
 
 
-def _optimizer_like_training(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """An optimizer with the training one's state structure (its schedule does not matter here)."""
-    from ssps_jax.optim import make_optimizer
-
-    return make_optimizer(config.optim, steps_per_epoch=1, total_steps=max(1, config.train.epochs))
-
-
 def demo_main(argv: list[str]) -> None:
     flags.DEFINE_string("data", "demo_data", "Where the demo corpus is (written first if missing).")
-    flags.DEFINE_string("workdir", "workdirs/demo_simclr", "Training folder.")
-    config_flags.DEFINE_config_file("config", "configs/demo_simclr.py", "Config file.", lock_config=True)
-    _run(lambda: demo(flags.FLAGS.data, flags.FLAGS.workdir, flags.FLAGS.config), argv)
+    flags.DEFINE_string("workdir", "workdirs/demo_simclr", "Folder of the demo's runs.")
+    config_flags.DEFINE_config_file("config", "configs/demo_ssps.py", "Config file (with SSPS).", lock_config=True)
 
+    def run():
+        from ssps_jax import demo
 
-def demo(data: str, workdir: str, config) -> dict:
-    """Embedded corpus -> SimCLR training -> EER/minDCF of the untrained and trained encoder."""
-    from data_pipelines.demo_corpus import corpus
-    from ssps_jax.train import train
+        demo.run(flags.FLAGS.data, flags.FLAGS.workdir, flags.FLAGS.config)
 
-    data_dir = Path(data)
-    if not (data_dir / corpus.TRAIN_CSV).is_file():
-        say(f"writing the demo corpus to {data_dir} ...")
-        corpus.write_demo_corpus(data_dir, workers=os.cpu_count() or 1)
-    config.data.train_csv = str(data_dir / corpus.TRAIN_CSV)
-    config.data.base_dir = str(data_dir)
-    config.eval.trials = (str(data_dir / corpus.TRIALS),)
-    config.eval.at_start = True
-    train(config, workdir)
-    evals = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    evals = [e for e in evals if e["kind"] == "eval"]
-    first, last = evals[0], evals[-1]
-    name = Path(corpus.TRIALS).stem
-    table = {
-        "untrained": {"eer": first[f"{name}/eer"], "min_dcf": first[f"{name}/min_dcf"], "step": first["step"]},
-        "trained": {"eer": last[f"{name}/eer"], "min_dcf": last[f"{name}/min_dcf"], "step": last["step"]},
-    }
-    say("")
-    say(f"demo results on {corpus.TRIALS} (held-out speakers, cross-session targets)")
-    say(f"  {'encoder':<12}{'step':>8}{'EER %':>10}{'minDCF':>10}")
-    for label, r in table.items():
-        say(f"  {label:<12}{r['step']:>8}{100 * r['eer']:>10.2f}{r['min_dcf']:>10.4f}")
-    return table
+    _run(run, argv)
