@@ -41,8 +41,10 @@ def train_main(argv: list[str]) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run():
+        from ssps_jax import distributed
         from ssps_jax.train import train
 
+        distributed.initialize()
         train(flags.FLAGS.config, flags.FLAGS.workdir)
 
     _run(run, argv)
@@ -59,9 +61,11 @@ def evaluate_main(argv: list[str]) -> None:
 
 def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None = None, step: int | None = None):
     """Evaluates a checkpoint of `workdir`; writes <workdir>/eval/step_<N>/; returns the results."""
-    from ssps_jax import checkpoint, methods, sharding
+    from ssps_jax import checkpoint, distributed, methods, sharding
     from ssps_jax.train import load_config, make_verifier, variables
     from ssps_jax.train_state import init_train_state
+
+    distributed.initialize()
 
     config = load_config(workdir)
     with config.unlocked():

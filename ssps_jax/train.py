@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from data_pipelines import input_pipeline, speaker_corpus
 from ssps_jax import checkpoint, methods, sharding
@@ -139,6 +140,16 @@ def ssps_step_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) 
     )
 
 
+def _load_source(config: ml_collections.ConfigDict):
+    """The prepared train split; with several processes, process 0 builds it while the others wait."""
+    if jax.process_count() == 1:
+        return input_pipeline.load_source(config.data)
+    if jax.process_index() == 0:
+        source = input_pipeline.load_source(config.data)
+    multihost_utils.sync_global_devices("ssps_jax: train data prepared")
+    return source if jax.process_index() == 0 else input_pipeline.load_source(config.data)
+
+
 def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     if jax.process_index() != 0:
         return
@@ -166,7 +177,7 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     _save_config(config, workdir)
 
-    source = input_pipeline.load_source(config.data)
+    source = _load_source(config)
     batch_size = config.train.global_batch_size
     per_epoch = input_pipeline.steps_per_epoch(len(source), batch_size)
     total = config.train.epochs * per_epoch  # what schedules (lr, DINO's tau) span
