@@ -1,6 +1,7 @@
 # One command to run the tests, one to run the demo. Both create and fill the
 # virtual environment .venv on first use (a machine with Python 3.10+ is enough).
 PYTHON ?= python3
+TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,9 +10,12 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
 .PHONY: test lint demo venv clean
 
+# torch is installed first, pinned to the CPU build these machines carry (a bare
+# "torch" would pull the newest CUDA build, several GB); the test extra's range accepts it.
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

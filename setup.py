@@ -34,7 +34,8 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4", "ruff>=0.6"],
+        # torch: the PyTorch baseline's equivalence tests (tests/test_torch_baseline.py).
+        "test": ["pytest>=8", "scikit-learn>=1.4", "ruff>=0.6", "torch>=2.3"],
         "tpu": ["jax[tpu]>=0.10"],
         "cuda": ["jax[cuda12]>=0.10"],
         "cuda13": ["jax[cuda13]>=0.10"],
