@@ -4,6 +4,8 @@ ssps-jax prepare-demo OUT     write the embedded demo corpus (sslsv layout)
 ssps-jax make-csv ROOT        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
 ssps-jax prepare              build the TFDS ArrayRecords of a train CSV
 ssps-jax bench-ssps           time k-means and SSPS sampling at a given size
+ssps-jax bench                the SSPS train step: compile, step time, SSPS share, k-means, memory, MFU
+ssps-jax bench-input          examples/s of the grain input pipeline per number of workers
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 # Commands configured with absl flags (ml_collections config files and overrides).
-_ABSL_COMMANDS = ("train", "evaluate", "demo")
+_ABSL_COMMANDS = ("train", "evaluate", "demo", "bench", "bench-input")
 
 
 def _prepare_demo(args: argparse.Namespace) -> None:
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in _ABSL_COMMANDS:
         from ssps_jax import commands
 
-        getattr(commands, f"{argv[0]}_main")([f"ssps-jax {argv[0]}", *argv[1:]])
+        getattr(commands, f"{argv[0].replace('-', '_')}_main")([f"ssps-jax {argv[0]}", *argv[1:]])
         return
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

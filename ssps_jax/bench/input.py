@@ -1,0 +1,119 @@
+"""`ssps-jax bench-input`: examples/s of the grain input pipeline, per number of worker processes.
+
+The pipeline is the training one (`input_pipeline.train_dataset` with
+`make_examples`: crops and augmentation, then `make_iterator` with the given
+workers) on the config's prepared dataset -- the demo corpus by default,
+written first if it is missing. For each worker count the iterator is
+started, its first batch timed (worker start-up), a few batches drained so
+that no batch made during start-up is counted, then `batches` batches are
+timed: examples/s = batches x batch / seconds.
+
+Compare with the samples/s of `ssps-jax bench` on the devices (`--against
+bench.json`): the input keeps up when it produces at least as many.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ml_collections
+
+from data_pipelines import input_pipeline
+
+
+def ensure_demo_corpus(config: ml_collections.ConfigDict) -> None:
+    """Writes the demo corpus where the config expects it, if that is the demo corpus and it is missing."""
+    from data_pipelines.demo_corpus import corpus
+
+    csv = Path(config.data.train_csv)
+    if not csv.is_file() and csv.name == corpus.TRAIN_CSV:
+        print(f"writing the demo corpus to {config.data.base_dir} (ssps-jax prepare-demo) ...", flush=True)
+        corpus.write_demo_corpus(config.data.base_dir, workers=os.cpu_count() or 1)
+
+
+def measure(source, examples, batch_size: int, workers: int, batches: int, prefetch: int, seed: int) -> dict:
+    """Examples/s of the pipeline read by `workers` processes (0: in this one)."""
+    dataset = input_pipeline.train_dataset(source, global_batch_size=batch_size, seed=seed, examples=examples)
+    started = time.perf_counter()
+    iterator = input_pipeline.make_iterator(dataset, workers=workers, prefetch=prefetch)
+    try:
+        next(iterator)
+        first = time.perf_counter() - started
+        # Workers start together and each may have a batch ready by now: drain those before timing.
+        for _ in range(2 * max(workers, 1)):
+            next(iterator)
+        started = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        seconds = time.perf_counter() - started
+    finally:
+        iterator.close()
+    return {
+        "workers": workers,
+        "first_batch_s": first,
+        "seconds": seconds,
+        "batches": batches,
+        "examples_per_s": batches * batch_size / seconds,
+    }
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workers: list[int] = (0, 1, 2),
+    batches: int = 20,
+    device_samples_per_s: float | None = None,
+) -> dict:
+    """Measures every worker count; returns the figures."""
+    source = input_pipeline.load_source(config.data)
+    examples = input_pipeline.make_examples(config.data)
+    batch_size = config.train.global_batch_size
+    rows = [measure(source, examples, batch_size, w, batches, config.data.prefetch, config.seed) for w in workers]
+    return {
+        "cpus": os.cpu_count(),
+        "train_csv": str(config.data.train_csv),
+        "records": len(source),
+        "batch": batch_size,
+        "crops": config.data.crops.to_dict(),
+        "augment": config.data.augment.strategy if config.data.augment.enabled else "off",
+        "device_samples_per_s": device_samples_per_s,
+        "rows": rows,
+    }
+
+
+def table(result: dict) -> str:
+    """One row per worker count, as markdown."""
+    crops = result["crops"]
+    head = (
+        f"input pipeline: {result['train_csv']} ({result['records']} records), batch {result['batch']}, "
+        f"{crops['mode']} crops + {crops['reference_seconds']} s reference, augmentation {result['augment']}, "
+        f"{result['cpus']} CPUs"
+    )
+    device = result["device_samples_per_s"]
+    columns = ["workers", "examples/s", "first batch (s)", "timed batches"]
+    if device:
+        head += f"; devices take {device:.1f} samples/s"
+        columns.append("keeps up")
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in result["rows"]:
+        cells = [str(r["workers"]), f"{r['examples_per_s']:.1f}", f"{r['first_batch_s']:.1f}", str(r["batches"])]
+        if device:
+            cells.append("yes" if r["examples_per_s"] >= device else f"no ({r['examples_per_s'] / device:.0%})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(
+    config: ml_collections.ConfigDict, workers: list[int], batches: int, json_path: str | None, against: str | None
+) -> dict:
+    """`ssps-jax bench-input`: runs, prints the table, writes the JSON."""
+    ensure_demo_corpus(config)
+    device = json.loads(Path(against).read_text())["samples_per_s"] if against else None
+    result = run(config, workers, batches, device)
+    print(table(result), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written to {json_path}")
+    return result

@@ -1,0 +1,177 @@
+"""`ssps-jax bench` and `bench-input`: what they count and report; never how fast (no timing assertions)."""
+
+import json
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ssps_jax import sharding
+from ssps_jax.bench import input as bench_input
+from ssps_jax.bench import train as bench
+from ssps_jax.config import base_config
+
+B, T, C, CONV, DENSE, WINDOW = 16, 34, 32, 64, 32, 3
+
+
+class ConvDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(DENSE)(nn.Conv(CONV, (WINDOW,), padding="VALID")(x))
+
+
+def _loss(params, x):
+    return jnp.mean(ConvDense().apply({"params": params}, x) ** 2)
+
+
+def _hand_count(batch: int) -> tuple[int, int]:
+    """(forward, forward + backward) FLOPs of the conv and dense layers: 2 per multiply-add."""
+    positions = batch * (T - WINDOW + 1)
+    conv, dense = 2 * positions * WINDOW * C * CONV, 2 * positions * CONV * DENSE
+    # Backward: each layer's weight gradient costs its forward; the input gradient is needed for the
+    # dense layer only (the conv's input is data, and XLA drops what nothing uses).
+    return conv + dense, 2 * conv + 3 * dense
+
+
+def test_counted_flops_equal_the_hand_count():
+    x = jnp.ones((B, T, C))
+    params = ConvDense().init(jax.random.PRNGKey(0), x)["params"]
+    forward, step = _hand_count(B)
+    assert bench.matmul_flops(lambda p, x: ConvDense().apply({"params": p}, x), params, x) == forward
+
+    counted = bench.counted_flops(jax.jit(jax.grad(_loss)).lower(params, x).compile())
+    # XLA also counts the elementwise work (bias adds, square, mean and their gradients): about
+    # 10 FLOPs per activation against 2 x 96 (conv) or 2 x 64 (dense) per output element: 1% here.
+    assert 1.0 <= counted / step < 1.05
+
+    # A shard_map program is counted per device: a batch split 8 ways is an eighth of the work.
+    mesh = sharding.make_mesh()
+
+    def per_device(p, x):
+        return jax.lax.pmean(jax.grad(_loss)(p, x), sharding.DATA)
+
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(sharding.DATA)), out_specs=P()))
+    counted = bench.counted_flops(sharded.lower(params, x).compile())
+    assert 1.0 <= counted / (step / mesh.size) < 1.05
+
+
+def test_peak_flops_table():
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 495e12  # TF32: JAX's default precision
+    assert bench.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+    assert bench.peak_flops("cpu", "float32") is None
+
+
+def test_kmeans_size_on_cpu_is_the_spec_comparison_point_and_says_why():
+    config, mesh = base_config(), sharding.make_mesh()
+    n, k, why = bench.kmeans_size(config, mesh, None, None, pos_bytes=0)
+    assert (n, k) == (bench.CPU_N, bench.CPU_K) and "CPU" in why
+    assert bench.kmeans_size(config, mesh, 1000, 10, pos_bytes=0) == (1000, 10, "as asked (--kmeans_n, --kmeans_k)")
+
+
+def tiny_bench_config():
+    """A SimCLR-SSPS config that compiles in seconds: one SE-Res2Net block of 16 channels, 0.5 s crops."""
+    c = base_config()
+    c.model.mel.n_mels = 16
+    c.model.encoder_dim = 16
+    e = c.model.ecapa_tdnn
+    e.channels, e.kernel_sizes, e.dilations = (16, 16, 48), (5, 3, 1), (1, 2, 1)
+    e.res2net_scale, e.attention_channels, e.se_channels = 2, 8, 8
+    c.data.crops.frame_seconds = 0.5
+    c.data.crops.reference_seconds = 1.0
+    c.train.global_batch_size = 16
+    c.ssps.kmeans_clusters = 24
+    c.ssps.pos_queue_size = 96
+    return c
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = bench.main(
+        tiny_bench_config(),
+        steps=2,
+        warmup=1,
+        batch=None,
+        dtype=None,
+        kmeans_n=480,
+        kmeans_k=24,
+        json_path=str(path),
+        baseline=None,
+    )
+    return result, json.loads(path.read_text())
+
+
+def test_bench_runs_sharded_and_really_samples(bench_result):
+    result, _ = bench_result
+    assert result["device_count"] == 8
+    assert result["coverage"] > 0  # the timed SSPS steps replaced positives
+    assert result["sampling_coverage"] > 0
+    assert result["loss_finite"]
+    assert (result["ssps_n"], result["ssps_k"]) == (480, 24) and "as asked" in result["kmeans_size_reason"]
+    assert result["kmeans_s"] > 0
+    assert result["peak_memory_kind"].startswith("host peak RSS")  # the CPU has no device memory statistics
+    assert result["mfu"] is None and result["flops_per_s_per_device"] > 0
+    # XLA counts at least the conv and dense work (here much more: the mel front end of a tiny model).
+    assert result["counted_over_analytic"] > 1
+
+
+def test_bench_json_is_the_result(bench_result):
+    result, written = bench_result
+    assert written == json.loads(json.dumps(result))
+    assert written["samples_per_s"] == pytest.approx(written["global_batch"] / written["ssps_step_s"])
+    # Medians over rounds of per-round shares; each round's sampling share is its SSPS share less y^'s.
+    assert written["sampling_share_in_step"] <= written["ssps_share_in_step"]
+    assert written["sampling_share_isolated"] == pytest.approx(written["sampling_step_s"] / written["ssps_step_s"])
+
+
+def test_baseline_interface_and_ratios(monkeypatch, bench_result):
+    calls = []
+
+    def run_benchmark(*, config, global_batch, steps, warmup, compile, ssps, seed):
+        calls.append((config.ssps.kmeans_clusters, global_batch, steps, warmup, compile, ssps, seed))
+        if compile:
+            raise RuntimeError("no compiler here")
+        return {"implementation": "torch", "step_s_median": 2.0, "samples_per_s": 8.0, "ssps_s_median": 0.5}
+
+    fake = types.ModuleType("ssps_jax.bench.torch_baseline")
+    fake.run_benchmark = run_benchmark
+    monkeypatch.setitem(sys.modules, "ssps_jax.bench.torch_baseline", fake)
+    theirs = bench.run_baseline("torch", tiny_bench_config(), clusters=24, steps=2, warmup=1, seed=0)
+    assert calls == [(24, 16, 2, 1, False, True, 0), (24, 16, 2, 1, True, True, 0)]
+    assert "error" in theirs[1] and "no compiler here" in theirs[1]["error"]
+
+    ours = {"samples_per_s": 32.0, "sampling_step_s": 0.01}
+    assert bench.compare(ours, theirs[0]) == {"implementation": "torch", "samples_per_s": 4.0, "ssps_time": 50.0}
+    result = dict(bench_result[0], baselines=theirs, comparisons=[bench.compare(ours, t) for t in theirs])
+    assert "4.00x, 50.0x" in bench.table(result) and "failed: RuntimeError" in bench.table(result)
+
+
+def test_bench_input_counts_examples_per_second():
+    config = base_config()
+    config.data.augment.enabled = False
+    config.data.crops.frame_seconds = 0.25
+    config.data.crops.reference_seconds = 0.5
+    rng = np.random.default_rng(0)
+    source = [{"audio": rng.integers(-3000, 3000, 8000, dtype=np.int16), "index": i} for i in range(32)]
+    examples = bench_input.input_pipeline.make_examples(config.data)
+    row = bench_input.measure(source, examples, batch_size=8, workers=0, batches=3, prefetch=2, seed=0)
+    assert row["workers"] == 0 and row["batches"] == 3
+    assert row["examples_per_s"] == pytest.approx(3 * 8 / row["seconds"])
+    result = {
+        "cpus": 2,
+        "train_csv": "x.csv",
+        "records": 32,
+        "batch": 8,
+        "crops": config.data.crops.to_dict(),
+        "augment": "off",
+        "device_samples_per_s": 1e9,
+        "rows": [row],
+    }
+    assert "| 0 |" in bench_input.table(result) and "no (" in bench_input.table(result)
