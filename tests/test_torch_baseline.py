@@ -315,6 +315,27 @@ def test_kmeans_and_neighbours_follow_the_spec(duplicated):
         np.testing.assert_array_equal(table, np.asarray(jax_kmeans.neighbours(jnp.asarray(centroids.numpy()), m, None)))
 
 
+def test_bfloat16_runs_the_convolutions_in_bfloat16_under_autocast(config, ours, batch):
+    initial = ours["initial"]
+    _, loss32 = _torch_step(config, initial, batch)
+    torch.manual_seed(0)
+    model = build_simclr(config)
+    load_flax_variables(model, {"params": initial.params, "batch_stats": initial.batch_stats})
+    seen = []
+    model.encoder.blocks[0].conv.conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    step = SimCLRTrainStep(model, config.simclr.temperature, None, LR, dtype="bfloat16")
+    loss16 = float(
+        step(*(torch.from_numpy(batch[k]) for k in ("views", "reference")), torch.from_numpy(batch["index"]).long())
+    )
+    assert seen == [torch.bfloat16] * 2  # the training forwards of the two views, under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # parameters stay float32
+    # bfloat16 rounding moves the loss: this untrained model's embeddings are nearly collinear and
+    # temperature 0.03 magnifies their rounding (~20% here), so only "finite and moved" is asserted.
+    assert np.isfinite(loss16) and _relative(loss16, loss32) > 1e-4
+    with pytest.raises(ValueError, match="float16"):
+        SimCLRTrainStep(model, config.simclr.temperature, dtype="float16")
+
+
 def test_run_benchmark_times_steps_that_really_sample(config):
     c = config.copy_and_resolve_references()
     c.data.crops.frame_seconds, c.data.crops.reference_seconds = 0.25, 0.5

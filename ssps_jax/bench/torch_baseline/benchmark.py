@@ -118,7 +118,8 @@ def run_benchmark(
         synchronize(device)
         kmeans_s = time.perf_counter() - started
 
-    step = SimCLRTrainStep(model, config.simclr.temperature, queues, config.optim.learning_rate, compile)
+    dtype = config.model.dtype  # float32, or bfloat16 as torch.autocast
+    step = SimCLRTrainStep(model, config.simclr.temperature, queues, config.optim.learning_rate, compile, dtype)
     view_samples = round(config.data.crops.frame_seconds * SAMPLE_RATE)
     reference_samples = round(config.data.crops.reference_seconds * SAMPLE_RATE)
 
@@ -160,7 +161,7 @@ def run_benchmark(
         "warmup": warmup,
         "dataset_size": dataset_size if ssps else None,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": "float32",
+        "dtype": dtype,
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }

@@ -36,6 +36,9 @@ class SimCLRTrainStep:
 
     compile=True runs the model's forward through torch.compile (the
     training forward of both views, and the eval-mode encoder for y^).
+    dtype="bfloat16" runs both forwards under torch.autocast(bfloat16), PyTorch's
+    own mixed precision (float32 parameters, bfloat16 convolutions and matmuls),
+    the counterpart of our `model.dtype = "bfloat16"`; the loss is taken in float32.
     """
 
     def __init__(
@@ -45,7 +48,10 @@ class SimCLRTrainStep:
         ssps: KMeansReprSSPS | None = None,
         learning_rate: float = 1e-3,
         compile: bool = False,
+        dtype: str = "float32",
     ):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.model = model
         self.temperature = temperature
         self.ssps = ssps
@@ -53,16 +59,20 @@ class SimCLRTrainStep:
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self.embed = torch.compile(model.encoder, dynamic=False) if compile else model.encoder
         self.device = next(model.parameters()).device
+        self.bfloat16 = dtype == "bfloat16"
         self.step = 0
         self.ssps_seconds = 0.0  # of the last step
         self.coverage = 0.0  # share of the last step's anchors that got a pseudo-positive
 
     def _reference_embeddings(self, reference: torch.Tensor) -> torch.Tensor:
         self.model.encoder.eval()
-        with torch.no_grad():
-            y_ref = F.normalize(self.embed(reference), p=2, dim=-1)
+        with torch.no_grad(), self._autocast():
+            y_ref = F.normalize(self.embed(reference).float(), p=2, dim=-1)
         self.model.encoder.train()
         return y_ref
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
 
     def _timed_ssps(self, fn, *args):
         synchronize(self.device)
@@ -80,7 +90,9 @@ class SimCLRTrainStep:
             rows = self._timed_ssps(self.ssps.sample, indices)
             self.coverage = float((rows >= 0).float().mean())
 
-        z1, z2 = self.forward(views)
+        with self._autocast():
+            z1, z2 = self.forward(views)
+        z1, z2 = z1.float(), z2.float()
         z2_used = z2 if self.ssps is None else self._timed_ssps(self.ssps.replace, z2, rows)
         loss = nt_xent(z1, z2_used, self.temperature)
         self.optimizer.zero_grad(set_to_none=True)
