@@ -38,11 +38,16 @@ def _records(workdir: Path) -> list[dict]:
 
 
 def _branch(source: Path, target: Path) -> Path:
-    """A copy of a finished run to continue from (made once; atomically, so an interrupted copy is redone)."""
+    """A copy of a finished run to continue from (made once; atomically, so an interrupted copy is redone).
+
+    The source's config.json is kept as config.json.branch_point: the branch runs
+    another config on purpose, and `train` would otherwise note the difference.
+    """
     if not target.exists():
         partial = target.with_name(target.name + ".copying")
         shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(source, partial)
+        (partial / "config.json").rename(partial / "config.json.branch_point")
         partial.rename(target)
     return target
 
