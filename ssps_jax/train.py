@@ -123,21 +123,22 @@ def init_ssps(config: ml_collections.ConfigDict, mesh, dataset_size: int, steps_
     )
 
 
+def sampling_config(s: ml_collections.ConfigDict) -> sampling.SamplingConfig:
+    """The pseudo-positive sampling of `config.ssps`."""
+    return sampling.SamplingConfig(
+        method=s.sampling,
+        inter_size=s.inter_sampling_size,
+        inter_exp=s.inter_sampling_prob == "exp",
+        inter_lambda=s.inter_sampling_lambda,
+        intra_size=s.intra_sampling_size,
+        intra_exp=s.intra_sampling_prob == "exp",
+        intra_lambda=s.intra_sampling_lambda,
+    )
+
+
 def ssps_step_settings(config: ml_collections.ConfigDict, steps_per_epoch: int) -> SSPSStep:
     s = config.ssps
-    return SSPSStep(
-        sampling=sampling.SamplingConfig(
-            method=s.sampling,
-            inter_size=s.inter_sampling_size,
-            inter_exp=s.inter_sampling_prob == "exp",
-            inter_lambda=s.inter_sampling_lambda,
-            intra_size=s.intra_sampling_size,
-            intra_exp=s.intra_sampling_prob == "exp",
-            intra_lambda=s.intra_sampling_lambda,
-        ),
-        start_epoch=s.start_epoch,
-        steps_per_epoch=steps_per_epoch,
-    )
+    return SSPSStep(sampling=sampling_config(s), start_epoch=s.start_epoch, steps_per_epoch=steps_per_epoch)
 
 
 def _load_source(config: ml_collections.ConfigDict):

@@ -72,6 +72,16 @@ def _apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation)
     return optax.apply_updates(state.params, updates), opt_state, optax.tree.norm(grads)
 
 
+def _reference_and_positives(model: nn.Module, variables, state: TrainState, batch: dict, rng, ssps: SSPSStep):
+    """y^ (the reference crop through the encoder of `variables`, inference mode), then this
+    step's pseudo-positives: (y^, positives, mask, metrics) of ssps_step.pseudo_positives."""
+    y_ref = ssps_step.normalise(model.apply(variables, batch["reference"], method=type(model).embed))
+    positives, mask, metrics = ssps_step.pseudo_positives(
+        state.ssps, state.step, batch["index"], y_ref, rng, ssps, DATA
+    )
+    return y_ref, positives, mask, metrics
+
+
 def simclr_step(
     state: TrainState,
     batch: dict,
@@ -87,16 +97,8 @@ def simclr_step(
     device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
     metrics = {}
     if ssps is not None:
-        y_ref = ssps_step.normalise(
-            model.apply(
-                {"params": state.params, "batch_stats": state.batch_stats},
-                batch["reference"],
-                method=type(model).embed,
-            )
-        )
-        positives, mask, metrics = ssps_step.pseudo_positives(
-            state.ssps, state.step, batch["index"], y_ref, rng, ssps, DATA
-        )
+        encoder = {"params": state.params, "batch_stats": state.batch_stats}
+        y_ref, positives, mask, metrics = _reference_and_positives(model, encoder, state, batch, rng, ssps)
 
     def loss_fn(params):
         (z1, z2), updates = model.apply(
@@ -144,10 +146,7 @@ def dino_step(
     used = teacher_out
     metrics = {}
     if ssps is not None:
-        y_ref = ssps_step.normalise(model.apply(state.teacher, batch["reference"], method=type(model).embed))
-        positives, mask, metrics = ssps_step.pseudo_positives(
-            state.ssps, state.step, batch["index"], y_ref, rng, ssps, DATA
-        )
+        y_ref, positives, mask, metrics = _reference_and_positives(model, state.teacher, state, batch, rng, ssps)
         used = jnp.where(mask[None, :, None], positives.astype(teacher_out.dtype), teacher_out)
     temperature = dino.teacher_temperature(
         epoch, s.teacher_temperature, s.teacher_temperature_warmup, s.teacher_temperature_warmup_epochs

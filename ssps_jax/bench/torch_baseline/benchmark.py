@@ -20,7 +20,7 @@ import torch
 from ssps_jax.bench.torch_baseline.simclr import build_simclr
 from ssps_jax.bench.torch_baseline.ssps import KMeansReprSSPS
 from ssps_jax.bench.torch_baseline.train_step import SimCLRTrainStep, synchronize
-from ssps_jax.ssps.sampling import SamplingConfig
+from ssps_jax.train import sampling_config
 
 SAMPLE_RATE = 16000
 
@@ -53,12 +53,6 @@ def _make_ssps(config, global_batch: int, dataset_size: int, model, device, seed
     s = config.ssps
     if s.pos_queue_size < global_batch:
         raise ValueError(f"config.ssps.pos_queue_size {s.pos_queue_size} is smaller than the batch {global_batch}")
-    sampling = SamplingConfig(
-        method=s.sampling,
-        inter_size=s.inter_sampling_size,
-        inter_exp=s.inter_sampling_prob == "exp",
-        inter_lambda=s.inter_sampling_lambda,
-    )
     pos_dim = config.simclr.projector_output_dim if config.simclr.projector else model.encoder.encoder_dim
     return KMeansReprSSPS(
         dataset_size=dataset_size,
@@ -68,7 +62,7 @@ def _make_ssps(config, global_batch: int, dataset_size: int, model, device, seed
         pos_queue_size=s.pos_queue_size,
         clusters=s.kmeans_clusters,
         iterations=s.kmeans_iterations,
-        sampling=sampling,
+        sampling=sampling_config(s),
         device=device,
         seed=seed,
     )
