@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from ssps_jax import config as config_lib
 from ssps_jax import train as train_lib
-from ssps_jax.commands import evaluate
+from ssps_jax.evaluate import evaluate
 
 
 class Interrupted(Exception):

@@ -1,0 +1,50 @@
+"""`ssps-jax evaluate`: a checkpoint of a training workdir on trial lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+from data_pipelines.errors import InputError
+from ssps_jax.observe import say
+
+
+def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None = None, step: int | None = None):
+    """Evaluates a checkpoint of `workdir`; writes <workdir>/eval/step_<N>/; returns the results."""
+    from ssps_jax import checkpoint, distributed, methods, sharding
+    from ssps_jax.train import load_config, make_verifier, variables
+    from ssps_jax.train_state import init_train_state
+
+    distributed.initialize()
+
+    config = load_config(workdir)
+    with config.unlocked():
+        if trials:
+            config.eval.trials = tuple(trials)
+        if base_dir:
+            config.eval.base_dir = base_dir
+    if not config.eval.trials:
+        raise InputError("no trial list: pass --trials or set eval.trials in the config")
+    mesh = sharding.make_mesh()
+    model = methods.build_model(config)
+    # An optimizer with the training one's state structure (its schedule does not matter here).
+    tx, _ = methods.build_optimizer(config, steps_per_epoch=1, total_steps=max(1, config.train.epochs))
+    state = init_train_state(
+        model, tx, config.seed, methods.example_input(config), mesh, methods.teacher_outputs(config)
+    )
+    ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise InputError(f"no checkpoint in {workdir}/checkpoints")
+    state, _ = ckpt.restore(step, state)
+    ckpt.close()
+    verifier = make_verifier(config, model, mesh)
+    results, scores = verifier.evaluate(variables(state))
+    out = Path(workdir) / "eval" / f"step_{step}"
+    if jax.process_index() == 0:
+        verifier.write(out, results, scores, {"step": step})
+    for name, r in results.items():
+        say(f"{name}: EER {100 * r['eer']:.2f}%  minDCF {r['min_dcf']:.4f}  ({r['trials']} trials)")
+    say(f"metrics and scores in {out}")
+    return results
