@@ -9,11 +9,11 @@ cores: DINO for `ssps.start_epoch` epochs, then SSPS-Clustering. Schedules span
 (`--config.ssps.enabled=False`, the fair baseline).
 """
 
-from ssps_jax.config import base_config, use_demo, use_dino
+from ssps_jax.config import base_config, use_demo, use_method
 
 
 def get_config():
-    config = use_dino(use_demo(base_config()))
+    config = use_method(use_demo(base_config()), "dino")
     config.dino.head_hidden_dim = 512
     config.dino.head_bottleneck_dim = 128
     config.dino.head_output_dim = 4096

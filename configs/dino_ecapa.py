@@ -6,11 +6,11 @@ clipping at 3.0, head 2048-2048-256 -> 65 536, 100 epochs; evaluation with
 the teacher encoder.
 """
 
-from ssps_jax.config import base_config, paper_ecapa_tdnn, use_dino, use_voxceleb
+from ssps_jax.config import base_config, paper_ecapa_tdnn, use_method, use_voxceleb
 
 
 def get_config():
-    config = use_dino(paper_ecapa_tdnn(use_voxceleb(base_config())))
+    config = use_method(paper_ecapa_tdnn(use_voxceleb(base_config())), "dino")
     config.model.mel.n_mels = 80
     config.model.mel.window = "hann"
     config.train.global_batch_size = 128

@@ -9,11 +9,11 @@ queues hold 2 x 24 960 x 65 536 values: 12.2 GiB in float32, 1.5 GiB per
 device on 8 devices (`--config.ssps.queue_dtype=bfloat16` halves that).
 """
 
-from ssps_jax.config import base_config, paper_ecapa_tdnn, use_dino, use_voxceleb
+from ssps_jax.config import base_config, paper_ecapa_tdnn, use_method, use_voxceleb
 
 
 def get_config():
-    config = use_dino(paper_ecapa_tdnn(use_voxceleb(base_config())))
+    config = use_method(paper_ecapa_tdnn(use_voxceleb(base_config())), "dino")
     config.model.mel.n_mels = 80
     config.model.mel.window = "hann"
     config.train.global_batch_size = 128

@@ -7,3 +7,7 @@ or value) instead of a traceback.
 
 class InputError(ValueError):
     """Bad user input: a file, a config value, a command-line argument."""
+
+
+class ConfigError(InputError):
+    """An invalid configuration value; the message names the key (`config.train.epochs: ...`)."""

@@ -144,6 +144,17 @@ def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     return TrainExamples(crops, augmenter)
 
 
+def tfds_dir(data: ml_collections.ConfigDict) -> Path:
+    """Where the train split's ArrayRecords are: data.tfds_dir, by default <data.base_dir>/tfds."""
+    return Path(data.tfds_dir or speaker_corpus.default_data_dir(data.base_dir))
+
+
+def train_labels(data: ml_collections.ConfigDict, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Speaker and session ids of the train split's dataset indices (-1: unknown), for diagnostics only."""
+    name = speaker_corpus.config_name(data.train_csv)
+    return speaker_corpus.read_labels(speaker_corpus.index_path(tfds_dir(data), name), size)
+
+
 def load_source(data: ml_collections.ConfigDict):
     """The prepared `train` split (built on first use) as a random-access source."""
     for key in ("train_csv", "base_dir"):
@@ -152,7 +163,7 @@ def load_source(data: ml_collections.ConfigDict):
     builder = speaker_corpus.prepare(
         data.train_csv,
         data.base_dir,
-        data.tfds_dir or Path(data.base_dir) / "tfds",
+        tfds_dir(data),
         min_seconds=data.min_seconds,
         skip_bad=data.skip_bad,
     )

@@ -162,6 +162,11 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
+def default_data_dir(base_dir: Path | str) -> Path:
+    """The TFDS data dir of a corpus when none is given: <base_dir>/tfds."""
+    return Path(base_dir) / "tfds"
+
+
 def index_path(data_dir: Path | str, name: str) -> Path:
     return Path(data_dir) / f"{name}.index.csv"
 

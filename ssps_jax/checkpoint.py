@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ssps_jax.ssps.state import RESTORE_GROUPS, SSPSState
-from ssps_jax.train_state import TrainState, as_dict
+from ssps_jax.train_state import TrainState, as_dict, from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +67,16 @@ class Checkpointer:
         """(state, meta) of checkpoint `step`, laid out like the state `like`.
 
         Also moves `iterator` to the checkpoint's position in the input stream.
+        Fields of `like` that are None are not restored: saying which is left
+        out only while training (an `iterator` is given); evaluation leaves out
+        the optimizer and the SSPS queues on purpose.
         """
         metadata = self.manager.item_metadata(step)["state"]
         saved = set(metadata.keys())
         wanted = as_dict(like)
         if missing := sorted(set(wanted) - saved):
             logger.warning("checkpoint %d has no %s: kept as initialised", step, ", ".join(missing))
-        if dropped := sorted(saved - set(wanted)):
+        if iterator is not None and (dropped := sorted(saved - set(wanted))):
             logger.warning("checkpoint %d has %s, which this run does not use: not restored", step, ", ".join(dropped))
         wanted = {k: v for k, v in wanted.items() if k in saved}
         if "ssps" in wanted:
@@ -98,9 +101,7 @@ class Checkpointer:
             dict(restored["state"]),
             wanted,
         )
-        if "ssps" in fields:
-            fields["ssps"] = like.ssps.replace(**fields["ssps"])
-        return like.replace(**fields), restored["meta"]
+        return from_dict(like, fields), restored["meta"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

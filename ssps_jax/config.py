@@ -4,10 +4,12 @@ Config files in configs/ call `base_config()` and change what their
 experiment changes. `validate()` runs before anything is built or compiled
 and names the offending key (`config.model.channels: ...`).
 
-Defaults are sslsv's (SPEC section 8): Adam, lr 1e-3 x 0.95 every 5 epochs,
+Defaults are sslsv's (docs/method.md §8): Adam, lr 1e-3 x 0.95 every 5 epochs,
 global batch 256, no weight decay, 2 s crops, SimCLR temperature 0.03
-without projector (the SSPS paper's SimCLR config). SSPS is off unless
-`ssps.enabled`; its defaults are the paper's main setting (SPEC section 5).
+without projector (the SSPS paper's SimCLR config). Every registered method
+has its own section (`config.simclr`, `config.dino`, ...), with its defaults
+from its module; `config.method` picks the one trained. SSPS is off unless
+`ssps.enabled`; its defaults are the paper's main setting (docs/method.md §5).
 """
 
 from __future__ import annotations
@@ -17,43 +19,24 @@ from pathlib import Path
 import ml_collections
 
 from data_pipelines import input_pipeline
-from data_pipelines.errors import InputError
+from data_pipelines.errors import ConfigError, InputError
+from ssps_jax import methods
 from ssps_jax.ssps.sampling import METHODS as SSPS_METHODS
 
+__all__ = ["ConfigError", "base_config", "use_method", "validate"]
+
 ENCODERS = ("ecapa_tdnn", "resnet34")
-METHODS = ("simclr", "dino")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "warmup_cosine", "constant")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(InputError):
-    """An invalid configuration value; the message names the key."""
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.method = "simclr"
-    c.simclr = {
-        "temperature": 0.03,
-        "projector": False,
-        "projector_hidden_dim": 2048,
-        "projector_output_dim": 128,
-    }
-    c.dino = {  # sslsv's DINO defaults (SPEC section 6)
-        "head_hidden_dim": 2048,
-        "head_bottleneck_dim": 256,
-        "head_output_dim": 65536,
-        "student_temperature": 0.1,
-        "teacher_temperature": 0.04,
-        "teacher_temperature_warmup": 0.04,  # linear from this to teacher_temperature ...
-        "teacher_temperature_warmup_epochs": 10,  # ... over these epochs (equal values: no warm-up)
-        "center_momentum": 0.9,
-        "start_tau": 0.996,  # teacher EMA momentum, by a half cosine to end_tau over training
-        "end_tau": 1.0,
-        "freeze_last_layer_epochs": 1,
-    }
+    for name, method in methods.REGISTRY.items():
+        c[name] = method.default_config()
     c.model = {
         "encoder": "ecapa_tdnn",
         "encoder_dim": 512,
@@ -144,18 +127,10 @@ def paper_ecapa_tdnn(config: ml_collections.ConfigDict) -> ml_collections.Config
     return config
 
 
-def use_dino(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """DINO as sslsv trains it (SPEC section 6): multi-crop views, SGD 0.2 with momentum 0.9, weight decay
-    5e-5 except on biases and norms, gradients clipped at 3.0 per tensor, augmentation strategy 'all'."""
-    config.method = "dino"
-    config.data.crops.mode = "dino"
-    config.data.augment.strategy = "all"
-    config.optim.optimizer = "sgd"
-    config.optim.learning_rate = 0.2
-    config.optim.momentum = 0.9
-    config.optim.weight_decay = 5e-5
-    config.optim.decay_biases_and_norms = False
-    config.optim.clip_grad_per_param = 3.0
+def use_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Trains method `name` with what it needs outside its section, as sslsv trains it (its `Method.preset`)."""
+    config.method = name
+    methods.get(name).preset(config)
     return config
 
 
@@ -191,7 +166,8 @@ def _check_choice(config, key, choices):
 
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raises ConfigError naming the first invalid key; touches no accelerator."""
-    _check_choice(config, "method", METHODS)
+    _check_choice(config, "method", tuple(methods.REGISTRY))
+    method = methods.get(config.method)
     _check_choice(config, "model.encoder", ENCODERS)
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "model.mel.window", ("hamming", "hann"))
@@ -222,10 +198,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         if len(r.layers) != 4 or r.base_dim < 8:
             _fail("model.resnet34", f"needs 4 layer counts and base_dim >= 8, got {tuple(r.layers)}, {r.base_dim}")
 
-    if config.method == "simclr" and config.simclr.temperature <= 0:
-        _fail("simclr.temperature", f"must be > 0, got {config.simclr.temperature}")
-    if config.method == "dino":
-        _validate_dino(config)
+    method.validate(config, _fail)
     t = config.train
     for key in ("epochs", "global_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if t[key] < 1:
@@ -249,9 +222,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         _fail("data.train_csv", f"file not found: {d.train_csv}")
     if not Path(d.base_dir).is_dir():
         _fail("data.base_dir", f"folder not found: {d.base_dir}")
-    mode = "dino" if config.method == "dino" else "siamese"
-    if d.crops.mode != mode:
-        _fail("data.crops.mode", f"{config.method} needs {mode!r} crops, got {d.crops.mode!r}")
+    if d.crops.mode != method.crop_mode:
+        _fail("data.crops.mode", f"{config.method} needs {method.crop_mode!r} crops, got {d.crops.mode!r}")
     try:  # builds the crop and augmentation settings, and lists the noise / RIR folders
         input_pipeline.make_examples(d)
     except (InputError, TypeError) as e:
@@ -266,25 +238,6 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         _fail("eval.bucket_ratio", f"must be > 1, got {config.eval.bucket_ratio}")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
-
-
-def _validate_dino(config: ml_collections.ConfigDict) -> None:
-    d = config.dino
-    for key in ("head_hidden_dim", "head_bottleneck_dim", "head_output_dim"):
-        if d[key] < 1:
-            _fail(f"dino.{key}", f"must be >= 1, got {d[key]}")
-    for key in ("student_temperature", "teacher_temperature", "teacher_temperature_warmup"):
-        if d[key] <= 0:
-            _fail(f"dino.{key}", f"must be > 0, got {d[key]}")
-    for key in ("center_momentum", "start_tau", "end_tau"):
-        if not 0 <= d[key] <= 1:
-            _fail(f"dino.{key}", f"must be in [0, 1], got {d[key]}")
-    if d.start_tau > d.end_tau:
-        _fail("dino.start_tau", f"{d.start_tau} is above end_tau {d.end_tau}")
-    if d.freeze_last_layer_epochs < 0 or d.teacher_temperature_warmup_epochs < 0:
-        _fail("dino", "freeze_last_layer_epochs and teacher_temperature_warmup_epochs must be >= 0")
-    if config.data.crops.global_count < 1:
-        _fail("data.crops.global_count", f"DINO needs global views, got {config.data.crops.global_count}")
 
 
 def _validate_ssps(config: ml_collections.ConfigDict) -> None:
@@ -311,16 +264,3 @@ def _validate_ssps(config: ml_collections.ConfigDict) -> None:
             _fail("ssps.intra_sampling_prob", "only 'uniform' is supported for the clustering variants")
     elif s.intra_sampling_size < 1:
         _fail("ssps.intra_sampling_size", f"must be >= 1, got {s.intra_sampling_size}")
-    if s.sampling == "kmeans" and config.method == "dino":
-        _fail("ssps.sampling", "'kmeans' puts a centroid of encoder outputs in place of a DINO head output")
-    if (
-        s.sampling == "kmeans"
-        and config.method == "simclr"
-        and config.simclr.projector
-        and config.simclr.projector_output_dim != config.model.encoder_dim
-    ):
-        _fail(
-            "ssps.sampling",
-            "'kmeans' puts a centroid of encoder outputs in place of a projector output: "
-            "needs simclr.projector_output_dim == model.encoder_dim",
-        )

@@ -12,9 +12,10 @@ from ssps_jax.observe import say
 
 def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None = None, step: int | None = None):
     """Evaluates a checkpoint of `workdir`; writes <workdir>/eval/step_<N>/; returns the results."""
-    from ssps_jax import checkpoint, distributed, methods, sharding
-    from ssps_jax.train import load_config, make_verifier, variables
-    from ssps_jax.train_state import init_train_state
+    from ssps_jax import checkpoint, distributed, sharding
+    from ssps_jax.build import build_for_inference
+    from ssps_jax.evaluation.verification import make_verifier
+    from ssps_jax.train import load_config
 
     distributed.initialize()
 
@@ -27,12 +28,7 @@ def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None
     if not config.eval.trials:
         raise InputError("no trial list: pass --trials or set eval.trials in the config")
     mesh = sharding.make_mesh()
-    model = methods.build_model(config)
-    # An optimizer with the training one's state structure (its schedule does not matter here).
-    tx, _ = methods.build_optimizer(config, steps_per_epoch=1, total_steps=max(1, config.train.epochs))
-    state = init_train_state(
-        model, tx, config.seed, methods.example_input(config), mesh, methods.teacher_outputs(config)
-    )
+    method, model, state = build_for_inference(config, mesh)
     ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -40,7 +36,7 @@ def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None
     state, _ = ckpt.restore(step, state)
     ckpt.close()
     verifier = make_verifier(config, model, mesh)
-    results, scores = verifier.evaluate(variables(state))
+    results, scores = verifier.evaluate(method.eval_variables(state))
     out = Path(workdir) / "eval" / f"step_{step}"
     if jax.process_index() == 0:
         verifier.write(out, results, scores, {"step": step})

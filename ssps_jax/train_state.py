@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -10,10 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax import sharding
 from ssps_jax.ssps.state import SSPSState
 from ssps_jax.ssps.state import partition_specs as ssps_partition_specs
 
@@ -26,12 +26,13 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # base PRNG key (raw uint32[2]); step keys are fold_in(rng, step)
     ssps: SSPSState | None = None  # memory queues and clustering, when SSPS is configured
-    teacher: Any = None  # DINO: the teacher's {"params", "batch_stats"} (EMA of the student)
-    center: jax.Array | None = None  # DINO: running mean of the teacher outputs (K,)
+    method_state: dict | None = None  # the method's own state (DINO: teacher and centre), see Method.init_state
 
 
-def partition_specs(state: TrainState) -> TrainState:
-    """Layout of every field on the mesh: all replicated but the SSPS queues."""
+def partition_specs(state: TrainState, method_specs: dict | None = None) -> TrainState:
+    """Layout of every field on the mesh: all replicated but the SSPS queues (and what `method_specs` splits)."""
+    if method_specs is None and state.method_state is not None:
+        method_specs = jax.tree.map(lambda _: P(), state.method_state)
     return TrainState(
         step=P(),
         params=P(),
@@ -39,46 +40,69 @@ def partition_specs(state: TrainState) -> TrainState:
         opt_state=P(),
         rng=P(),
         ssps=None if state.ssps is None else ssps_partition_specs(),
-        teacher=None if state.teacher is None else P(),
-        center=None if state.center is None else P(),
+        method_state=method_specs,
     )
 
 
 def as_dict(state: TrainState) -> dict:
-    """Top-level fields that are set, by name, the SSPS state as a dict of its fields (what a checkpoint stores)."""
+    """What a checkpoint stores: the fields that are set, by name, with the SSPS state as a dict of its fields and
+    the method's entries (DINO's `teacher`, `center`) as top-level fields of their own."""
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if getattr(state, f.name) is not None}
     if "ssps" in fields:
         fields["ssps"] = {f.name: getattr(state.ssps, f.name) for f in dataclasses.fields(state.ssps)}
+    fields.update(fields.pop("method_state", {}))
     return fields
+
+
+def from_dict(like: TrainState, fields: dict) -> TrainState:
+    """`like` with the fields of `as_dict`'s layout replaced (the inverse of as_dict)."""
+    own = {f.name for f in dataclasses.fields(like)}
+    fields = dict(fields)
+    method = {k: fields.pop(k) for k in list(fields) if k not in own}
+    if "ssps" in fields:
+        fields["ssps"] = like.ssps.replace(**fields["ssps"])
+    if method:
+        fields["method_state"] = {**like.method_state, **method}
+    return like.replace(**fields)
 
 
 def init_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
     seed: int,
-    example_views: jax.ShapeDtypeStruct,
+    example_input: jax.ShapeDtypeStruct,
     mesh: Mesh,
-    teacher_outputs: int = 0,
+    init_method_state: Callable[[dict], dict | None] | None = None,
+    method_specs: Callable[[dict], dict] | None = None,
+    abstract: bool = False,
 ) -> TrainState:
-    """Initial state, created directly replicated on `mesh` (identical on every process).
+    """Initial state, created directly in its layout on `mesh` (identical on every process).
 
-    teacher_outputs > 0 (DINO): the teacher starts as a copy of the student,
-    and the centre as zeros of that size.
+    `init_method_state(variables)` gives the method's own state from the freshly
+    initialised {"params", "batch_stats"} (e.g. DINO's teacher, a copy of the
+    student), laid out by `method_specs` (default: replicated). `abstract`: the
+    state's shapes and shardings only, no device memory (ahead-of-time compilation).
     """
 
     def init():
         init_key, base_key = jax.random.split(jax.random.PRNGKey(seed))
-        variables = model.init(init_key, jnp.zeros(example_views.shape, example_views.dtype), train=False)
+        variables = model.init(init_key, jnp.zeros(example_input.shape, example_input.dtype), train=False)
         params = variables["params"]
         batch_stats = variables.get("batch_stats", {})
+        method_state = None
+        if init_method_state is not None:
+            method_state = init_method_state({"params": params, "batch_stats": batch_stats})
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             batch_stats=batch_stats,
             opt_state=tx.init(params),
             rng=base_key,
-            teacher={"params": params, "batch_stats": batch_stats} if teacher_outputs else None,
-            center=jnp.zeros((teacher_outputs,), jnp.float32) if teacher_outputs else None,
+            method_state=method_state,
         )
 
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    shapes = jax.eval_shape(init)
+    specs = partition_specs(shapes, None if method_specs is None else method_specs(shapes.method_state))
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    jitted = jax.jit(init, out_shardings=shardings)
+    return jitted.eval_shape() if abstract else jitted()

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ssps_jax import sharding
+from ssps_jax.bench import baseline, flops, report, sizing
 from ssps_jax.bench import input as bench_input
 from ssps_jax.bench import train as bench
 from ssps_jax.config import base_config
@@ -42,9 +43,9 @@ def test_counted_flops_equal_the_hand_count():
     x = jnp.ones((B, T, C))
     params = ConvDense().init(jax.random.PRNGKey(0), x)["params"]
     forward, step = _hand_count(B)
-    assert bench.matmul_flops(lambda p, x: ConvDense().apply({"params": p}, x), params, x) == forward
+    assert flops.matmul_flops(lambda p, x: ConvDense().apply({"params": p}, x), params, x) == forward
 
-    counted = bench.counted_flops(jax.jit(jax.grad(_loss)).lower(params, x).compile())
+    counted = flops.counted_flops(jax.jit(jax.grad(_loss)).lower(params, x).compile())
     # XLA also counts the elementwise work (bias adds, square, mean and their gradients): about
     # 10 FLOPs per activation against 2 x 96 (conv) or 2 x 64 (dense) per output element: 1% here.
     assert 1.0 <= counted / step < 1.05
@@ -56,23 +57,23 @@ def test_counted_flops_equal_the_hand_count():
         return jax.lax.pmean(jax.grad(_loss)(p, x), sharding.DATA)
 
     sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(sharding.DATA)), out_specs=P()))
-    counted = bench.counted_flops(sharded.lower(params, x).compile())
+    counted = flops.counted_flops(sharded.lower(params, x).compile())
     assert 1.0 <= counted / (step / mesh.size) < 1.05
 
 
 def test_peak_flops_table():
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
-    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 495e12  # TF32: JAX's default precision
-    assert bench.peak_flops("TPU v5 lite", "bfloat16") == 197e12
-    assert bench.peak_flops("cpu", "float32") is None
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert flops.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 495e12  # TF32: JAX's default precision
+    assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+    assert flops.peak_flops("cpu", "float32") is None
 
 
 def test_kmeans_size_on_cpu_is_the_spec_comparison_point_and_says_why():
     config, mesh = base_config(), sharding.make_mesh()
-    n, k, why = bench.kmeans_size(config, mesh, None, None, pos_bytes=0)
-    assert (n, k) == (bench.CPU_N, bench.CPU_K) and "CPU" in why
-    assert bench.kmeans_size(config, mesh, 1000, 10, pos_bytes=0) == (1000, 10, "as asked (--kmeans_n, --kmeans_k)")
+    n, k, why = sizing.kmeans_size(config, mesh, None, None, pos_bytes=0)
+    assert (n, k) == (sizing.CPU_N, sizing.CPU_K) and "CPU" in why
+    assert sizing.kmeans_size(config, mesh, 1000, 10, pos_bytes=0) == (1000, 10, "as asked (--kmeans_n, --kmeans_k)")
 
 
 def tiny_bench_config():
@@ -143,14 +144,14 @@ def test_baseline_interface_and_ratios(monkeypatch, bench_result):
     fake = types.ModuleType("ssps_jax.bench.torch_baseline")
     fake.run_benchmark = run_benchmark
     monkeypatch.setitem(sys.modules, "ssps_jax.bench.torch_baseline", fake)
-    theirs = bench.run_baseline("torch", tiny_bench_config(), clusters=24, steps=2, warmup=1, seed=0)
+    theirs = baseline.run_baseline("torch", tiny_bench_config(), clusters=24, steps=2, warmup=1, seed=0)
     assert calls == [(24, 16, 2, 1, False, True, 0), (24, 16, 2, 1, True, True, 0)]
     assert "error" in theirs[1] and "no compiler here" in theirs[1]["error"]
 
     ours = {"samples_per_s": 32.0, "sampling_step_s": 0.01}
-    assert bench.compare(ours, theirs[0]) == {"implementation": "torch", "samples_per_s": 4.0, "ssps_time": 50.0}
-    result = dict(bench_result[0], baselines=theirs, comparisons=[bench.compare(ours, t) for t in theirs])
-    assert "4.00x, 50.0x" in bench.table(result) and "failed: RuntimeError" in bench.table(result)
+    assert baseline.compare(ours, theirs[0]) == {"implementation": "torch", "samples_per_s": 4.0, "ssps_time": 50.0}
+    result = dict(bench_result[0], baselines=theirs, comparisons=[baseline.compare(ours, t) for t in theirs])
+    assert "4.00x, 50.0x" in report.table(result) and "failed: RuntimeError" in report.table(result)
 
 
 def test_bench_input_counts_examples_per_second():

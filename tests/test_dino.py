@@ -7,15 +7,20 @@ import optax
 import pytest
 from conftest import tiny_dino_config
 
-from ssps_jax import methods, sharding
+from ssps_jax import sharding
 from ssps_jax.methods import dino
 from ssps_jax.optim import clip_each_by_norm
 from ssps_jax.ssps import sampling
+from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.ssps.state import init_ssps_state
-from ssps_jax.ssps.step import SSPSStep
-from ssps_jax.train import method_settings
 from ssps_jax.train_state import init_train_state, partition_specs
 from ssps_jax.train_step import make_train_step
+
+METHOD = dino.METHOD
+
+
+def _init_state(config, model, tx, example, mesh):
+    return init_train_state(model, tx, 0, example, mesh, lambda variables: METHOD.init_state(config, variables))
 
 
 def _softmax(x):
@@ -67,7 +72,7 @@ def test_per_parameter_clipping_clips_each_tensor_alone():
 def test_last_layer_frozen_in_epoch_zero_and_no_decay_on_1d_parameters(demo_dir):
     config = tiny_dino_config(demo_dir)
     config.optim.clip_grad_per_param = 0.0
-    tx, _ = methods.build_optimizer(config, steps_per_epoch=3, total_steps=9)
+    tx, _ = METHOD.build_optimizer(config, steps_per_epoch=3, total_steps=9)
     params = {
         "head": {"last_layer": {"weight_v": np.ones((2, 2))}, "mlp": {"layers_0": {"kernel": np.ones((2, 2))}}},
         "norm": {"scale": np.ones(2)},
@@ -113,23 +118,24 @@ def test_sharded_dino_step_equals_single_device(demo_dir):
     config = tiny_dino_config(demo_dir)
     config.model.dtype = "float64"
     with jax.enable_x64(True):
-        model = methods.build_model(config, bn_axis_name=sharding.DATA)
+        model = METHOD.build_model(config, bn_axis_name=sharding.DATA)
         tx = optax.sgd(1.0)  # the parameter change *is* the averaged gradient
-        settings = method_settings(config, steps_per_epoch=10, total_steps=100)
+        settings = METHOD.settings(config, steps_per_epoch=10, total_steps=100)
         batch = _batch(np.random.default_rng(0), 16, config)
         batch = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in batch.items()}
-        outputs = methods.teacher_outputs(config)
-        example = jax.ShapeDtypeStruct(methods.example_input(config).shape, jnp.float64)
-        initial = jax.device_get(
-            init_train_state(model, tx, 0, example, sharding.make_mesh(jax.devices()[:1]), outputs)
-        )
+        outputs = config.dino.head_output_dim
+        example = jax.ShapeDtypeStruct(METHOD.example_input(config).shape, jnp.float64)
+        initial = jax.device_get(_init_state(config, model, tx, example, sharding.make_mesh(jax.devices()[:1])))
         initial = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, initial)
-        initial = initial.replace(center=np.linspace(-1, 1, outputs), opt_state=tx.init(initial.params))
+        initial = initial.replace(
+            method_state={**initial.method_state, "center": np.linspace(-1, 1, outputs)},
+            opt_state=tx.init(initial.params),
+        )
         results = {}
         for devices in (8, 1):
             mesh = sharding.make_mesh(jax.devices()[:devices])
             state = jax.device_put(initial, sharding.replicated(mesh))
-            step = make_train_step(model, tx, mesh, settings, partition_specs(state))
+            step = make_train_step(METHOD, model, tx, mesh, settings, partition_specs(state))
             after, metrics = step(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0))
             results[devices] = (jax.device_get(after), float(metrics["loss"]))
     (a8, loss8), (a1, loss1) = results[8], results[1]
@@ -139,23 +145,24 @@ def test_sharded_dino_step_equals_single_device(demo_dir):
     scale = max(jax.tree.leaves(jax.tree.map(lambda g: float(np.max(np.abs(g))), grads1)))
     assert _max_diff(a8.params, a1.params) < 1e-6 * scale
     assert _max_diff(a8.batch_stats, a1.batch_stats) < 1e-9  # student BN over the global batch
-    assert _max_diff(a8.teacher, a1.teacher) < 1e-9  # EMA and teacher BN statistics
-    np.testing.assert_allclose(a8.center, a1.center, atol=1e-12)
+    assert _max_diff(a8.method_state["teacher"], a1.method_state["teacher"]) < 1e-9  # EMA and teacher BN statistics
+    np.testing.assert_allclose(a8.method_state["center"], a1.method_state["center"], atol=1e-12)
     # The teacher moved towards the student by (1 - tau): tau = 0.996 at step 0.
     bias = "head/mlp/layers_6/bias"
     np.testing.assert_allclose(
-        _flat(a1.teacher["params"])[bias], 0.996 * _flat(initial.params)[bias] + 0.004 * _flat(a1.params)[bias]
+        _flat(a1.method_state["teacher"]["params"])[bias],
+        0.996 * _flat(initial.params)[bias] + 0.004 * _flat(a1.params)[bias],
     )
 
 
 def test_ssps_replaces_both_teacher_views_before_the_loss_and_queues_the_originals(demo_dir):
     """Each anchor's only candidate is a known queue row: both teacher outputs become its two views."""
     config = tiny_dino_config(demo_dir)
-    model = methods.build_model(config, bn_axis_name=sharding.DATA)
+    model = METHOD.build_model(config, bn_axis_name=sharding.DATA)
     tx = optax.sgd(0.0)
     n, k, per_epoch = 16, config.dino.head_output_dim, 4
     mesh = sharding.make_mesh()
-    state = init_train_state(model, tx, 0, methods.example_input(config), mesh, k)
+    state = _init_state(config, model, tx, METHOD.example_input(config), mesh)
     queues = init_ssps_state(
         mesh,
         dataset_size=64,
@@ -186,17 +193,18 @@ def test_ssps_replaces_both_teacher_views_before_the_loss_and_queues_the_origina
     state = state.replace(ssps=queues, step=jax.device_put(jnp.int32(per_epoch + step_in_epoch), state.step.sharding))
     batch = _batch(rng, n, config)
     batch["index"] = np.arange(32, 48, dtype=np.int32)  # queue rows of block 0
-    settings = method_settings(config, steps_per_epoch=per_epoch, total_steps=10 * per_epoch)
-    ssps = SSPSStep(sampling.SamplingConfig("kmeans-repr", inter_size=0), start_epoch=1, steps_per_epoch=per_epoch)
-    step = make_train_step(model, tx, mesh, settings, partition_specs(state), ssps)
+    settings = METHOD.settings(config, steps_per_epoch=per_epoch, total_steps=10 * per_epoch)
+    ssps = SSPS(sampling.SamplingConfig("kmeans-repr", inter_size=0), start_epoch=1, steps_per_epoch=per_epoch)
+    step = make_train_step(METHOD, model, tx, mesh, settings, partition_specs(state), ssps)
     before = jax.device_get(state)
     after, metrics = jax.device_get(step(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0)))
     assert float(metrics["ssps/coverage"]) == 1.0
     # The centre moved towards the mean of the *replaced* teacher outputs: queue block 0, both views.
-    expected = 0.9 * before.center + 0.1 * pos_emb[:, 0].mean(axis=(0, 1))
-    np.testing.assert_allclose(after.center, expected, rtol=1e-5, atol=1e-6)
+    center = before.method_state["center"]
+    expected = 0.9 * center + 0.1 * pos_emb[:, 0].mean(axis=(0, 1))
+    np.testing.assert_allclose(after.method_state["center"], expected, rtol=1e-5, atol=1e-6)
     # The loss is DINO's with the queue rows as teacher outputs (reference computed on one device).
-    local = methods.build_model(config)
+    local = METHOD.build_model(config)
     student = local.apply(
         {"params": before.params, "batch_stats": before.batch_stats},
         batch["global_views"],
@@ -204,10 +212,12 @@ def test_ssps_replaces_both_teacher_views_before_the_loss_and_queues_the_origina
         method=dino.DINO.student,
         mutable=["batch_stats"],
     )[0]
-    want = _dino_loss_numpy(np.asarray(student), pos_emb[:, 0], before.center, 0.1, 0.04)
+    want = _dino_loss_numpy(np.asarray(student), pos_emb[:, 0], center, 0.1, 0.04)
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4)
     # Both original teacher outputs went into block step_in_epoch of the positive queue.
-    teacher_out = local.apply(before.teacher, batch["global_views"], train=True, mutable=["batch_stats"])[0]
+    teacher_out = local.apply(
+        before.method_state["teacher"], batch["global_views"], train=True, mutable=["batch_stats"]
+    )[0]
     # (8-device vs 1-device BatchNorm: float32 rounding of ~2e-5; the replacements are O(1) normals.)
     np.testing.assert_allclose(after.ssps.pos_emb[:, step_in_epoch], teacher_out, rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(after.ssps.pos_index[step_in_epoch], batch["index"])

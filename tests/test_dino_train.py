@@ -58,7 +58,7 @@ def test_dino_ssps_trains_queues_both_views_and_evaluates_the_teacher(uninterrup
     assert train[0]["tau"] == pytest.approx(0.996, abs=1e-7)
     assert train[-1]["tau"] == pytest.approx(1 - 0.004 * (1 - np.cos(np.pi / 30)) / 2, abs=1e-6)
     assert train[-1]["tau"] > train[0]["tau"]
-    diff = jax.tree.map(lambda t, s: float(np.abs(t - s).max()), end.teacher["params"], end.params)
+    diff = jax.tree.map(lambda t, s: float(np.abs(t - s).max()), end.method_state["teacher"]["params"], end.params)
     assert max(jax.tree.leaves(diff)) > 1e-4
     # Evaluation embeds with the teacher: the reported EER is the teacher's.
     evaluation = json.loads((workdir / "eval" / f"step_{2 * STEPS_PER_EPOCH}" / "metrics.json").read_text())

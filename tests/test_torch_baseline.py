@@ -27,13 +27,13 @@ from ssps_jax.bench.torch_baseline import (
     spherical_kmeans,
 )
 from ssps_jax.features import LogMelConfig, log_mel
-from ssps_jax.methods import build_model
+from ssps_jax.methods import simclr
 from ssps_jax.ssps import kmeans as jax_kmeans
+from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.ssps.sampling import SamplingConfig
 from ssps_jax.ssps.state import SSPSState
-from ssps_jax.ssps.step import SSPSStep
 from ssps_jax.train_state import init_train_state, partition_specs
-from ssps_jax.train_step import SimCLRSettings, make_train_step
+from ssps_jax.train_step import make_train_step
 
 B = 8  # global batch
 N = 40  # dataset size: reference queue of 40 rows, 5 steps per epoch
@@ -136,20 +136,19 @@ def _torch_queues(device="cpu") -> KMeansReprSSPS:
 @pytest.fixture(scope="module")
 def ours(config, batch):
     """Our step from our initial state: {'initial', 'plain', 'ssps'} -> (state after the step, metrics)."""
-    model = build_model(config, bn_axis_name=sharding.DATA)
+    model = simclr.METHOD.build_model(config, bn_axis_name=sharding.DATA)
     tx = optax.adam(LR)
     mesh = sharding.make_mesh(jax.devices()[:1])
     example = jax.ShapeDtypeStruct((2, 2, VIEW_SAMPLES), jnp.float32)
     initial = jax.device_get(init_train_state(model, tx, 0, example, mesh))
-    ssps = SSPSStep(SamplingConfig(inter_size=1), start_epoch=1, steps_per_epoch=N // B)
+    ssps = SSPS(SamplingConfig(inter_size=1), start_epoch=1, steps_per_epoch=N // B)
     # Step N // B: first step of epoch 1 (SSPS on), writing queue block 0.
     states = {
         name: initial.replace(step=jnp.array(N // B, jnp.int32), ssps=_jax_queues(clustered))
         for name, clustered in (("plain", False), ("ssps", True))
     }
-    step = make_train_step(
-        model, tx, mesh, SimCLRSettings(config.simclr.temperature), partition_specs(states["ssps"]), ssps
-    )
+    settings = simclr.SimCLRSettings(config.simclr.temperature)
+    step = make_train_step(simclr.METHOD, model, tx, mesh, settings, partition_specs(states["ssps"]), ssps)
     results = {"initial": initial}
     for name, state in states.items():  # one program: without a clustering for the epoch, nothing is replaced
         state = jax.device_put(state, sharding.replicated(mesh))
@@ -268,7 +267,7 @@ def test_eval_embeddings_match_ours_with_trained_running_statistics(config, ours
     model.eval()
     with torch.no_grad():
         got = model.encoder(torch.from_numpy(batch["reference"])).numpy()
-    flax_model = build_model(config)
+    flax_model = simclr.METHOD.build_model(config)
     embed = jax.jit(lambda v, wave: flax_model.apply(v, wave, method=type(flax_model).embed))
     expected = np.asarray(embed(variables, jnp.asarray(batch["reference"])))
     assert np.abs(expected).max() > 0.1

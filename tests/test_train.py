@@ -116,7 +116,7 @@ def test_invalid_config_fails_before_compiling(demo_dir, tmp_path, monkeypatch, 
         node = node[parent]
     node[field] = value
     compiled = []
-    monkeypatch.setattr(train_lib, "init_train_state", lambda *a, **k: compiled.append(1))
+    monkeypatch.setattr(train_lib, "build", lambda *a, **k: compiled.append(1))
     with pytest.raises(config_lib.ConfigError, match=message):
         train_lib.train(config, tmp_path / "w")
     assert not compiled

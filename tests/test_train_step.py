@@ -7,9 +7,9 @@ import optax
 from conftest import tiny_config
 
 from ssps_jax import sharding
-from ssps_jax.methods import build_model
+from ssps_jax.methods import simclr
 from ssps_jax.train_state import init_train_state, partition_specs
-from ssps_jax.train_step import SimCLRSettings, make_train_step
+from ssps_jax.train_step import make_train_step
 
 
 def _max_diff(a, b):
@@ -21,7 +21,7 @@ def test_sharded_step_equals_single_device(demo_dir):
     config.simclr.projector = True  # BatchNorm in the projector too
     config.simclr.projector_hidden_dim = 32
     config.simclr.projector_output_dim = 8
-    model = build_model(config, bn_axis_name=sharding.DATA)
+    model = simclr.METHOD.build_model(config, bn_axis_name=sharding.DATA)
     # SGD with learning rate 1: the parameter change *is* the (averaged) gradient.
     tx = optax.sgd(1.0)
     views = np.random.default_rng(0).normal(size=(16, 2, 4000)).astype(np.float32)
@@ -32,7 +32,7 @@ def test_sharded_step_equals_single_device(demo_dir):
         mesh = sharding.make_mesh(jax.devices()[:devices])
         state = jax.device_put(initial, sharding.replicated(mesh))
         before = initial
-        step = make_train_step(model, tx, mesh, SimCLRSettings(0.1), partition_specs(state))
+        step = make_train_step(simclr.METHOD, model, tx, mesh, simclr.SimCLRSettings(0.1), partition_specs(state))
         after, metrics = step(state, sharding.global_batch({"views": views}, mesh), jax.random.PRNGKey(0))
         after = jax.device_get(after)
         grads = jax.tree.map(lambda b, a: b - a, before.params, after.params)

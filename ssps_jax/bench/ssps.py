@@ -25,6 +25,7 @@ from ssps_jax.bench.timing import devices_line, median_seconds
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.ssps.clustering import make_cluster_fn
+from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.ssps.state import SSPSState, init_ssps_state, partition_specs
 
 
@@ -89,7 +90,7 @@ def random_queues(mesh, sizes: Sizes, seed: int = 0) -> SSPSState:
 
 def make_sampling_step(mesh, sizes: Sizes, steps_per_epoch: int):
     """(queues, step, index, y_ref, key) -> (queues, positives, mask): SSPS's share of a train step."""
-    cfg = ssps_step.SSPSStep(
+    cfg = SSPS(
         sampling=sampling.SamplingConfig(method=sizes.sampling, inter_size=sizes.neighbours),
         start_epoch=0,
         steps_per_epoch=steps_per_epoch,

@@ -12,7 +12,9 @@ import concurrent.futures
 import json
 from pathlib import Path
 
+import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from data_pipelines import audio_io
 from data_pipelines.manifests import Trial, read_trials
@@ -66,3 +68,21 @@ class Verifier:
         for name, s in scores.items():
             with (out / f"{name}.scores.txt").open("w") as f:
                 f.writelines(f"{score:.6f} {t.label} {t.enrol} {t.test}\n" for score, t in zip(s, self.trials[name]))
+
+
+def make_verifier(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Verifier | None:
+    """Evaluation of `model` (its `embed`) on config.eval.trials, or None when there are none."""
+    if not config.eval.trials:
+        return None
+
+    def embed(variables, wave, lengths):
+        return model.apply(variables, wave, lengths, method=type(model).embed)
+
+    embedder = Embedder(
+        embed,
+        mesh,
+        config.eval.batch_size,
+        bucket_ratio=config.eval.bucket_ratio,
+        min_bucket=round(config.eval.min_bucket_seconds * 16000),
+    )
+    return Verifier(list(config.eval.trials), config.eval.base_dir or config.data.base_dir, embedder)

@@ -1,4 +1,4 @@
-"""DINO (Caron et al., 2021) for speaker embeddings, as sslsv trains it (SPEC section 6).
+"""DINO (Caron et al., 2021) for speaker embeddings, as sslsv trains it (docs/method.md §6).
 
 The student is encoder + `DINOHead`; the teacher has the same module tree
 and its own variables (an EMA of the student's parameters; its BatchNorm
@@ -10,18 +10,36 @@ the global batch, as in sslsv.
 The loss (`dino_loss`) is the cross-entropy between the centred, sharpened
 teacher distribution of each global view and the student distribution of
 every *other* view, averaged over the G x (G + L) - G pairs.
+
+The step: the teacher (training-mode BatchNorm, as sslsv's momentum encoder)
+embeds the global views; with SSPS, y^ comes from the teacher encoder in
+inference mode, both teacher outputs are replaced before the loss and both
+original ones are queued (the positive branch is the teacher's). The student
+is updated by SGD (gradients clipped per tensor, last layer frozen in epoch
+0: the optimizer), then the teacher by EMA with tau on a cosine from
+start_tau to end_tau, and the centre from the teacher outputs the loss used.
+Evaluation embeds with the teacher encoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
 from jax import lax
 
+from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.models import build_encoder
 from ssps_jax.models.layers import batch_norm, torch_default_init
+from ssps_jax.optim import make_optimizer
+from ssps_jax.sharding import DATA
+from ssps_jax.ssps import step as ssps_step
+from ssps_jax.train_step import apply_gradients, reference_and_positives
 
 
 def _wide(x: jnp.ndarray) -> jnp.ndarray:
@@ -153,3 +171,166 @@ def teacher_temperature(epoch: jnp.ndarray, final: float, warmup: float, warmup_
 def ema(teacher, student, tau: jnp.ndarray):
     """teacher <- tau teacher + (1 - tau) student, leaf by leaf."""
     return jax.tree.map(lambda t, s: tau * t + (1 - tau) * s, teacher, student)
+
+
+@dataclasses.dataclass(frozen=True)
+class DINOSettings:
+    student_temperature: float
+    teacher_temperature: float
+    teacher_temperature_warmup: float
+    teacher_temperature_warmup_epochs: int
+    center_momentum: float
+    start_tau: float
+    end_tau: float
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _last_layer(params):
+    """True on the head's last layer (frozen during the first epochs)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: "last_layer" in k for k in flat})
+
+
+class DINOMethod(Method):
+    name = "dino"
+    crop_mode = "dino"
+
+    def default_config(self) -> dict:
+        return {  # sslsv's DINO defaults
+            "head_hidden_dim": 2048,
+            "head_bottleneck_dim": 256,
+            "head_output_dim": 65536,
+            "student_temperature": 0.1,
+            "teacher_temperature": 0.04,
+            "teacher_temperature_warmup": 0.04,  # linear from this to teacher_temperature ...
+            "teacher_temperature_warmup_epochs": 10,  # ... over these epochs (equal values: no warm-up)
+            "center_momentum": 0.9,
+            "start_tau": 0.996,  # teacher EMA momentum, by a half cosine to end_tau over training
+            "end_tau": 1.0,
+            "freeze_last_layer_epochs": 1,
+        }
+
+    def preset(self, config: ml_collections.ConfigDict) -> None:
+        """Multi-crop views, augmentation 'all', SGD 0.2 with momentum 0.9, weight decay 5e-5 except on biases
+        and norms, gradients clipped at 3.0 per tensor (sslsv's DINO)."""
+        super().preset(config)
+        config.data.augment.strategy = "all"
+        config.optim.optimizer = "sgd"
+        config.optim.learning_rate = 0.2
+        config.optim.momentum = 0.9
+        config.optim.weight_decay = 5e-5
+        config.optim.decay_biases_and_norms = False
+        config.optim.clip_grad_per_param = 3.0
+
+    def validate(self, config: ml_collections.ConfigDict, fail: Fail) -> None:
+        d = config.dino
+        for key in ("head_hidden_dim", "head_bottleneck_dim", "head_output_dim"):
+            if d[key] < 1:
+                fail(f"dino.{key}", f"must be >= 1, got {d[key]}")
+        for key in ("student_temperature", "teacher_temperature", "teacher_temperature_warmup"):
+            if d[key] <= 0:
+                fail(f"dino.{key}", f"must be > 0, got {d[key]}")
+        for key in ("center_momentum", "start_tau", "end_tau"):
+            if not 0 <= d[key] <= 1:
+                fail(f"dino.{key}", f"must be in [0, 1], got {d[key]}")
+        if d.start_tau > d.end_tau:
+            fail("dino.start_tau", f"{d.start_tau} is above end_tau {d.end_tau}")
+        if d.freeze_last_layer_epochs < 0 or d.teacher_temperature_warmup_epochs < 0:
+            fail("dino", "freeze_last_layer_epochs and teacher_temperature_warmup_epochs must be >= 0")
+        if config.data.crops.global_count < 1:
+            fail("data.crops.global_count", f"DINO needs global views, got {config.data.crops.global_count}")
+        if config.ssps.enabled and config.ssps.sampling == "kmeans":
+            fail("ssps.sampling", "'kmeans' puts a centroid of encoder outputs in place of a DINO head output")
+
+    def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> DINO:
+        d = config.dino
+        dtype = jnp.dtype(config.model.dtype)
+        head = DINOHead(d.head_hidden_dim, d.head_bottleneck_dim, d.head_output_dim, dtype, bn_axis_name)
+        return DINO(encoder=build_encoder(config.model, bn_axis_name), head=head)
+
+    def build_optimizer(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
+        """sslsv's optimizer with the head's last layer frozen for `dino.freeze_last_layer_epochs`."""
+        return make_optimizer(
+            config.optim, steps_per_epoch, total_steps, _last_layer, config.dino.freeze_last_layer_epochs
+        )
+
+    def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
+        return views_input(config.data.crops.global_seconds)
+
+    def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> DINOSettings:
+        d = config.dino
+        return DINOSettings(
+            student_temperature=d.student_temperature,
+            teacher_temperature=d.teacher_temperature,
+            teacher_temperature_warmup=d.teacher_temperature_warmup,
+            teacher_temperature_warmup_epochs=d.teacher_temperature_warmup_epochs,
+            center_momentum=d.center_momentum,
+            start_tau=d.start_tau,
+            end_tau=d.end_tau,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+        )
+
+    def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict:
+        """The teacher starts as a copy of the student; the centre as zeros."""
+        return {
+            "teacher": variables,
+            "center": jnp.zeros((config.dino.head_output_dim,), jnp.float32),
+        }
+
+    def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
+        """Both teacher outputs of the global views."""
+        return config.data.crops.global_count, config.dino.head_output_dim
+
+    def eval_variables(self, state) -> dict:
+        return state.method_state["teacher"]
+
+    def step(self, state, batch, rng, *, model, tx, settings: DINOSettings, ssps=None):
+        """One DINO (or DINO-SSPS) step on this device's examples (call inside shard_map)."""
+        s = settings
+        teacher, center = state.method_state["teacher"], state.method_state["center"]
+        epoch = state.step // s.steps_per_epoch
+        teacher_out, teacher_updates = model.apply(teacher, batch["global_views"], train=True, mutable=["batch_stats"])
+        teacher_out = lax.stop_gradient(teacher_out)  # (G, n, K)
+        used = teacher_out
+        metrics = {}
+        if ssps is not None:
+            y_ref, positives, mask, metrics = reference_and_positives(model, teacher, state, batch, rng, ssps)
+            used = jnp.where(mask[None, :, None], positives.astype(teacher_out.dtype), teacher_out)
+        temperature = teacher_temperature(
+            epoch, s.teacher_temperature, s.teacher_temperature_warmup, s.teacher_temperature_warmup_epochs
+        )
+
+        def loss_fn(params):
+            student_out, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["global_views"],
+                batch["local_views"],
+                method=type(model).student,
+                mutable=["batch_stats"],
+            )
+            loss = dino_loss(student_out, used, center, s.student_temperature, temperature)
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
+        tau = teacher_momentum(state.step, s.total_steps, s.start_tau, s.end_tau)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            method_state={
+                "teacher": {"params": ema(teacher["params"], params, tau), **teacher_updates},
+                "center": update_center(center, used, s.center_momentum, DATA),
+            },
+        )
+        if ssps is not None:
+            queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, teacher_out)
+            new_state = new_state.replace(ssps=queues)
+        metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm, tau=tau, teacher_temperature=temperature)
+        return new_state, metrics
+
+
+METHOD = DINOMethod()

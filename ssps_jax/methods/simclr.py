@@ -1,18 +1,30 @@
-"""SimCLR (Chen et al., 2020) for speaker embeddings, as sslsv trains it.
+"""SimCLR (Chen et al., 2020) for speaker embeddings, as sslsv trains it (docs/method.md §6).
 
 Each view goes through the encoder in its own call, so BatchNorm statistics
 are per view over the global batch, exactly like sslsv's two encoder calls
-under DDP with synchronised BN.
+under DDP with synchronised BN. The loss is NT-Xent over both views of the
+global batch, the negatives gathered from every device.
+
+With SSPS the positive branch is view 2: its embedding z' is what the
+positive queue holds, and a pseudo-positive replaces it before the loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax import lax
 
+from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
+from ssps_jax.sharding import DATA
+from ssps_jax.ssps import step as ssps_step
+from ssps_jax.train_step import apply_gradients, reference_and_positives
 
 
 class SimCLR(nn.Module):
@@ -64,3 +76,93 @@ def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: str
     positive = offset + (rows + n2 // 2) % n2
     logits = logits.at[rows, own].set(-jnp.inf)  # an anchor is not its own negative
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[rows, positive])
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCLRSettings:
+    temperature: float
+
+
+class SimCLRMethod(Method):
+    name = "simclr"
+    crop_mode = "siamese"
+
+    def default_config(self) -> dict:
+        return {
+            "temperature": 0.03,
+            "projector": False,  # the SSPS paper's SimCLR has none
+            "projector_hidden_dim": 2048,
+            "projector_output_dim": 128,
+        }
+
+    def validate(self, config: ml_collections.ConfigDict, fail: Fail) -> None:
+        s = config.simclr
+        if s.temperature <= 0:
+            fail("simclr.temperature", f"must be > 0, got {s.temperature}")
+        if (
+            config.ssps.enabled
+            and config.ssps.sampling == "kmeans"
+            and s.projector
+            and s.projector_output_dim != config.model.encoder_dim
+        ):
+            fail(
+                "ssps.sampling",
+                "'kmeans' puts a centroid of encoder outputs in place of a projector output: "
+                "needs simclr.projector_output_dim == model.encoder_dim",
+            )
+
+    def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
+        s = config.simclr
+        return SimCLR(
+            encoder=build_encoder(config.model, bn_axis_name),
+            projector_dims=(s.projector_hidden_dim, s.projector_output_dim) if s.projector else None,
+            dtype=jnp.dtype(config.model.dtype),
+            bn_axis_name=bn_axis_name,
+        )
+
+    def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
+        return views_input(config.data.crops.frame_seconds)
+
+    def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> SimCLRSettings:
+        return SimCLRSettings(temperature=config.simclr.temperature)
+
+    def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
+        s = config.simclr
+        return 1, s.projector_output_dim if s.projector else config.model.encoder_dim
+
+    def step(self, state, batch, rng, *, model, tx, settings: SimCLRSettings, ssps=None):
+        """One SimCLR (or SimCLR-SSPS) step on this device's examples (call inside shard_map)."""
+        # This device's randomness: the step key folded with the device index.
+        device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
+        metrics = {}
+        if ssps is not None:
+            encoder = {"params": state.params, "batch_stats": state.batch_stats}
+            y_ref, positives, mask, metrics = reference_and_positives(model, encoder, state, batch, rng, ssps)
+
+        def loss_fn(params):
+            (z1, z2), updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["views"],
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": device_rng},  # for stochastic layers; the encoders here have none
+            )
+            z2_used = z2 if ssps is None else jnp.where(mask[:, None], positives[0].astype(z2.dtype), z2)
+            return nt_xent(z1, z2_used, settings.temperature, axis_name=DATA), (updates["batch_stats"], z2)
+
+        (loss, (batch_stats, z2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,  # already identical on every device (synchronised BN)
+            opt_state=opt_state,
+        )
+        if ssps is not None:
+            queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, z2[None])
+            new_state = new_state.replace(ssps=queues)
+        metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm)
+        return new_state, metrics
+
+
+METHOD = SimCLRMethod()

@@ -3,7 +3,7 @@
 Queue layout. A queue of capacity C (a multiple of the global batch G) is
 stored as (C / G blocks, G rows) and split over devices along the *row*
 axis: device d holds rows [d n, (d+1) n) of every block, n = G / devices.
-Queue position p (SPEC section 3) is block p // G, row p % G. The global
+Queue position p (docs/method.md §3) is block p // G, row p % G. The global
 batch of step s is written at positions (s G) mod C, i.e. into block
 s mod (C / G), row r for batch element r -- and batch element r lives on the
 device that holds row r. So every write is local to its device (no
@@ -47,12 +47,13 @@ class SSPSState:
 # Fields that only mean something together. A checkpoint restores a group only
 # if every field of it has the shape this run expects (K, Q' or the dataset may
 # have changed between runs); otherwise the group starts fresh -- for the
-# clustering that means clustered_epoch = -1, i.e. cluster again.
+# clustering that means clustered_epoch = -1, i.e. cluster again. The labels
+# (speaker, session) are never restored: they are this dataset's, read from its
+# index file, not training state.
 RESTORE_GROUPS = (
     ("ref_index", "ref_emb"),
     ("pos_index", "pos_emb"),
     ("assignment", "centroids", "neighbours", "clustered_epoch"),
-    ("speaker", "session"),
 )
 
 
@@ -88,8 +89,9 @@ def init_ssps_state(
     dtype,
     speaker: np.ndarray,
     session: np.ndarray,
+    abstract: bool = False,
 ) -> SSPSState:
-    """Empty queues, created directly in their sharded layout."""
+    """Empty queues, created directly in their sharded layout (`abstract`: their shapes and shardings only)."""
 
     def make():
         return SSPSState(
@@ -106,7 +108,8 @@ def init_ssps_state(
         )
 
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs())
-    return jax.jit(make, out_shardings=shardings)()
+    init = jax.jit(make, out_shardings=shardings)
+    return init.eval_shape() if abstract else init()
 
 
 def local_positions(blocks: int, local_rows: int, global_batch: int, device: jax.Array) -> jnp.ndarray:

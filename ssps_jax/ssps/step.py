@@ -1,23 +1,24 @@
 """The SSPS part of a train step, shared by every framework (per device, inside shard_map).
 
-SPEC sections 3 and 5, in the epochs where the queues are live
+docs/method.md §3 and §5, in the epochs where the queues are live
 (`start_epoch - 1` on):
   `pseudo_positives`  draws a pseudo-positive for every anchor of the batch;
-                      from `start_epoch` on (and, for the clustering variants,
-                      once that epoch's clustering is in the state) the mask
-                      says which anchors replace their positive with it;
+                      the mask says which anchors replace their positive with
+                      it (`SSPS.sampling_on`: from `start_epoch` on, and for the
+                      clustering variants once that epoch's clustering is in
+                      the state);
   `enqueue`           writes the batch's (index, y^) into the reference queue
                       and (index, positive-branch embeddings) into the
-                      positive queue, at block `step_in_epoch` of each (the
-                      SPEC position (step_in_epoch * G) mod capacity), each
-                      device into its own rows.
+                      positive queue, at block `step_in_epoch` of each (queue
+                      position (step_in_epoch * G) mod capacity), each device
+                      into its own rows.
 The y^ themselves (encoder or teacher output of the clean reference crop) are
 the framework's to compute; `normalise` makes them unit vectors.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +27,8 @@ from jax import lax
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps.state import SSPSState, write_block
 
-
-@dataclasses.dataclass(frozen=True)
-class SSPSStep:
-    """What the SSPS variant of a step needs to know (static)."""
-
-    sampling: sampling.SamplingConfig
-    start_epoch: int
-    steps_per_epoch: int
+if TYPE_CHECKING:
+    from ssps_jax.ssps.lifecycle import SSPS
 
 
 def normalise(y: jax.Array) -> jax.Array:
@@ -42,19 +37,15 @@ def normalise(y: jax.Array) -> jax.Array:
 
 
 def pseudo_positives(
-    queues: SSPSState, step: jax.Array, index: jax.Array, y_ref: jax.Array, rng: jax.Array, cfg: SSPSStep, axis: str
+    queues: SSPSState, step: jax.Array, index: jax.Array, y_ref: jax.Array, rng: jax.Array, ssps: SSPS, axis: str
 ) -> tuple[jax.Array, jax.Array, dict]:
     """(embeddings (V, n, D) as constants, replace mask (n,), diagnostics) for this device's anchors.
 
     `rng` is the step key shared by all devices (draws are keyed by global
     batch position, so they do not depend on the device count).
     """
-    sample = sampling.sample(queues, index, y_ref, rng, cfg.sampling, axis)
-    epoch = step // cfg.steps_per_epoch
-    active = epoch >= cfg.start_epoch
-    if cfg.sampling.method != "knn":
-        active &= queues.clustered_epoch == epoch
-    mask = sample.mask & active
+    sample = sampling.sample(queues, index, y_ref, rng, ssps.sampling, axis)
+    mask = sample.mask & ssps.sampling_on(step // ssps.steps_per_epoch, queues.clustered_epoch)
     return lax.stop_gradient(sample.embeddings), mask, _metrics(queues, index, sample, mask, axis)
 
 

@@ -20,7 +20,7 @@ import torch
 from ssps_jax.bench.torch_baseline.simclr import build_simclr
 from ssps_jax.bench.torch_baseline.ssps import KMeansReprSSPS
 from ssps_jax.bench.torch_baseline.train_step import SimCLRTrainStep, synchronize
-from ssps_jax.train import sampling_config
+from ssps_jax.ssps.lifecycle import sampling_config
 
 SAMPLE_RATE = 16000
 

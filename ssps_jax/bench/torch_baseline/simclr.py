@@ -55,7 +55,7 @@ class SimCLR(nn.Module):
 
 
 def build_simclr(config: ml_collections.ConfigDict) -> SimCLR:
-    """Our ssps_jax.methods.build_model for SimCLR configs, in PyTorch."""
+    """Our SimCLR method's build_model (ssps_jax.methods.simclr), in PyTorch."""
     if config.method != "simclr":
         raise ValueError(f"the PyTorch baseline implements SimCLR only; config.method is {config.method!r}")
     s = config.simclr

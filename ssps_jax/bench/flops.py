@@ -1,0 +1,105 @@
+"""FLOPs and MFU of `ssps-jax bench`: XLA's count of a compiled program, an analytic cross-check, peak FLOP/s.
+
+FLOPs per step per device come from XLA's cost analysis of the compiled SSPS
+step (`compiled.cost_analysis()["flops"]`: every HLO op of the partitioned
+per-device program -- convolutions, matmuls, FFTs, elementwise work, the
+optimizer -- with loop bodies counted once; this step has no loop whose trip
+count matters). MFU = FLOPs / step time / the device's dense peak (PEAK_FLOPS;
+unknown on CPU, where only FLOP/s are printed).
+
+Cross-check: an analytic count of the Conv and Dense layers (2 x multiply-adds
+at the shapes they are called with, traced, `matmul_flops`) x 3 for forward +
+backward of the trained views, + 1 forward of the reference crop; everything
+else (mel front end, BatchNorm, loss, optimizer) is in the counted figure
+only, so counted / analytic is a little above 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+# Dense peak FLOP/s of one JAX device by compute dtype (bfloat16, float32), from the vendors' datasheets.
+# The float32 figure is that of the unit XLA runs float32 matmuls and convolutions on at JAX's default
+# precision: TF32 tensor cores on Ampere / Hopper GPUs, one bfloat16 pass on TPUs. The first name
+# contained in the device kind wins, so more specific names come first.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 495e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12, 495e12),  # same compute as the H100 SXM (and GH200's Hopper)
+    ("A100", 312e12, 156e12),  # SXM and PCIe
+    ("TPU v4", 275e12, 275e12),
+    ("TPU v5 lite", 197e12, 197e12),  # v5e
+    ("TPU v5", 459e12, 459e12),  # v5p
+    ("TPU v6 lite", 918e12, 918e12),  # v6e
+)
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """Dense peak FLOP/s of one device of this kind computing in `dtype`; None if unknown (e.g. CPU)."""
+    for name, bf16, fp32 in PEAK_FLOPS:
+        if name.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def counted_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program per device, from XLA's cost analysis (None if not reported)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def matmul_flops(fn, *args) -> int:
+    """2 x multiply-adds of every flax Conv and Dense call made by fn(*args), from the traced shapes.
+
+    Nothing is computed: fn is traced abstractly (jax.eval_shape) and each
+    layer's output size x its multiply-adds per output element is summed.
+    Other layers are not counted (DINO's weight-normalised last layer: < 1% of
+    an ECAPA-TDNN step).
+    """
+    total = 0
+
+    def count(next_fun, args, kwargs, context):
+        nonlocal total
+        out = next_fun(*args, **kwargs)
+        layer = context.module
+        if context.method_name == "__call__" and isinstance(layer, (nn.Conv, nn.Dense)):
+            fan_in = args[0].shape[-1]
+            if isinstance(layer, nn.Conv):
+                window = math.prod(np.atleast_1d(layer.kernel_size).tolist())
+                fan_in = window * fan_in // layer.feature_group_count
+            total += 2 * math.prod(out.shape) * fan_in
+        return out
+
+    with nn.intercept_methods(count):
+        jax.eval_shape(fn, *args)
+    return total
+
+
+def analytic_step_flops(model, state, batch: dict, method: str, reference_variables: dict | None) -> int:
+    """Conv + Dense FLOPs of one step on the global batch (see the module docstring); with SSPS
+    (`reference_variables`: the variables y^ is computed with, the teacher's for DINO) the reference forward."""
+    student = {"params": state.params, "batch_stats": state.batch_stats}
+    if method == "dino":
+        teacher = matmul_flops(lambda v, g: model.apply(v, g), state.method_state["teacher"], batch["global_views"])
+        trained = matmul_flops(
+            lambda v, g, loc: model.apply(v, g, loc, False, method=type(model).student),
+            student,
+            batch["global_views"],
+            batch["local_views"],
+        )
+        total = teacher + 3 * trained
+    else:
+        total = 3 * matmul_flops(lambda v, x: model.apply(v, x), student, batch["views"])
+    if reference_variables is not None:
+        total += matmul_flops(
+            lambda v, r: model.apply(v, r, method=type(model).embed), reference_variables, batch["reference"]
+        )
+    return total

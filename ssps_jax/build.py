@@ -1,0 +1,135 @@
+"""One build of a run from its config: model, optimizer, state, SSPS and the step programs.
+
+`train`, `evaluate` and `ssps-jax bench` all start here, so a run is built
+one way whatever uses it: the method from the registry (methods/), its model
+with BatchNorm synchronised over the `data` axis, its optimizer and
+schedules laid out over `train.epochs`, the initial train state directly in
+its layout on the mesh (with the SSPS queues when `ssps.enabled`), the
+partition specs, and the jitted shard_map step programs: the plain step and,
+with SSPS, the SSPS step. `abstract=True` builds the same with shapes and
+shardings only (no device memory), for ahead-of-time compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from data_pipelines import input_pipeline
+from ssps_jax import methods, sharding
+from ssps_jax.methods.base import Method
+from ssps_jax.ssps.lifecycle import SSPS
+from ssps_jax.train_state import TrainState, init_train_state, partition_specs
+from ssps_jax.train_step import make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything a run is made of but its state (build returns that beside it: the run must not hold on to it)."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    method: Method
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    steps_per_epoch: int
+    total_steps: int  # what the schedules span: train.epochs
+    ssps: SSPS  # disabled unless config.ssps.enabled
+    specs: TrainState
+    plain_step: object  # jitted (state, batch, rng) -> (state, metrics)
+    ssps_step: object | None  # the same with SSPS (queues live); None without SSPS
+
+    def step_program(self, epoch: int):
+        """The step program the steps of `epoch` run."""
+        return self.ssps_step if self.ssps.fills_queues(epoch) else self.plain_step
+
+    def eval_variables(self, state: TrainState) -> dict:
+        """The variables evaluation embeds with (the teacher's for DINO)."""
+        return self.method.eval_variables(state)
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    dataset_size: int,
+    *,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+    abstract: bool = False,
+) -> tuple[Run, TrainState]:
+    """(run, initial state) of `config` on `mesh` for a train split of `dataset_size` utterances.
+
+    `labels` (speaker, session ids per dataset index) feed the SSPS
+    diagnostics only. Nothing is compiled here: the step programs compile on
+    their first call (or `.lower(...).compile()`).
+    """
+    method = methods.get(config.method)
+    batch = config.train.global_batch_size
+    per_epoch = input_pipeline.steps_per_epoch(dataset_size, batch)
+    total = config.train.epochs * per_epoch
+    model = method.build_model(config, bn_axis_name=sharding.DATA)
+    tx, schedule = method.build_optimizer(config, per_epoch, total)
+    state = init_train_state(
+        model,
+        tx,
+        config.seed,
+        method.example_input(config),
+        mesh,
+        init_method_state=lambda variables: method.init_state(config, variables),
+        method_specs=method.state_specs,
+        abstract=abstract,
+    )
+    ssps = SSPS.from_config(config.ssps, per_epoch, mesh)
+    queues = ssps.init_state(
+        mesh,
+        dataset_size=dataset_size,
+        global_batch=batch,
+        ref_dim=config.model.encoder_dim,
+        positive_shape=method.positive_shape(config),
+        labels=labels,
+        abstract=abstract,
+    )
+    state = state.replace(ssps=queues)
+    specs = partition_specs(state, None if state.method_state is None else method.state_specs(state.method_state))
+    settings = method.settings(config, per_epoch, total)
+    plain_step = make_train_step(method, model, tx, mesh, settings, specs)
+    ssps_step = make_train_step(method, model, tx, mesh, settings, specs, ssps) if ssps.enabled else None
+    run = Run(
+        config=config,
+        mesh=mesh,
+        method=method,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        ssps=ssps,
+        specs=specs,
+        plain_step=plain_step,
+        ssps_step=ssps_step,
+    )
+    return run, state
+
+
+def build_for_inference(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Method, nn.Module, TrainState]:
+    """(method, model, state) to restore a checkpoint's model into and embed with: no optimizer state, no SSPS.
+
+    The state's `opt_state` and `ssps` are None, so a checkpoint restore leaves them out.
+    """
+    method = methods.get(config.method)
+    model = method.build_model(config, bn_axis_name=sharding.DATA)
+    state = init_train_state(
+        model,
+        optax.identity(),
+        config.seed,
+        method.example_input(config),
+        mesh,
+        init_method_state=lambda variables: method.init_state(config, variables),
+        method_specs=method.state_specs,
+    )
+    return method, model, state.replace(opt_state=None)
