@@ -1,127 +1,220 @@
 """The `ssps-jax` command.
 
-ssps-jax prepare-demo OUT     write the embedded demo corpus (sslsv layout)
-ssps-jax make-csv ROOT        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
-ssps-jax prepare              build the TFDS ArrayRecords of a train CSV
-ssps-jax bench-ssps           time k-means and SSPS sampling at a given size
-ssps-jax bench                the SSPS train step: compile, step time, SSPS share, k-means, memory, MFU
-ssps-jax bench-input          examples/s of the grain input pipeline per number of workers
+ssps-jax train           train (or resume) a run: --config FILE --workdir DIR [--config.KEY=VALUE ...]
+ssps-jax evaluate        a checkpoint of a run on trial lists
+ssps-jax demo            the CPU demo: SimCLR, then with and without SSPS, compared on the demo corpus
+ssps-jax bench           the SSPS train step: compile, step time, SSPS share, k-means, memory, MFU
+ssps-jax bench-input     examples/s of the grain input pipeline per number of workers
+ssps-jax bench-ssps      time k-means and SSPS sampling at a given size
+ssps-jax prepare-demo    write the embedded demo corpus (sslsv layout)
+ssps-jax make-csv        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
+ssps-jax prepare         build the TFDS ArrayRecords of a train CSV
+
+`ssps-jax COMMAND --help` lists the flags of a command. Every flag is argparse's, spelt
+with dashes; configs are ml_collections files with `--config.KEY=VALUE` overrides
+(ssps_jax/config_overrides.py). The commands themselves are in ssps_jax/commands.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
-import time
-from pathlib import Path
+from collections.abc import Callable
 
-# Commands configured with absl flags (ml_collections config files and overrides).
-_ABSL_COMMANDS = ("train", "evaluate", "demo", "bench", "bench-input")
+from data_pipelines.errors import ConfigError, InputError
+from ssps_jax import commands, config_overrides
+from ssps_jax.config_overrides import UsageError
+
+# One line per section of base_config() in `train --help`; the list itself comes from base_config(),
+# so a section missing here is still listed (with its keys). Each method's section is described by
+# its Method.summary (ssps_jax/methods/).
+_SECTIONS = {
+    "seed": "random seed of the run: initialisation, data order, crops, augmentation",
+    "method": "the method trained; its settings are the section of the same name",
+    "model": "encoder (ecapa_tdnn or resnet34) and its sizes, log-mel features, compute dtype",
+    "data": "train CSV and base folder, crops, augmentation, input workers",
+    "train": "epochs, global batch size, logging and checkpoint intervals",
+    "optim": "optimizer, learning-rate schedule, weight decay, gradient clipping",
+    "ssps": "SSPS: on/off, start epoch, sampling variant, k-means and queue sizes",
+    "eval": "trial lists, evaluation interval, embedding batch",
+}
+_OVERRIDES = "--config.KEY=VALUE"
 
 
-def _prepare_demo(args: argparse.Namespace) -> None:
-    from data_pipelines.demo_corpus import corpus
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be made when help is printed (train's imports the library)."""
 
-    spec = corpus.DemoCorpusSpec(seed=args.seed).scaled(args.scale)
-    overrides = {
-        k: v
-        for k, v in {
-            "train_speakers": args.train_speakers,
-            "test_speakers": args.test_speakers,
-            "sessions": args.sessions,
-            "utterances": args.utterances,
-            "min_seconds": args.min_seconds,
-            "max_seconds": args.max_seconds,
-        }.items()
-        if v is not None
-    }
-    spec = dataclasses.replace(spec, **overrides)
-    start = time.time()
-    print(
-        f"writing the demo corpus to {args.out}: {spec.train_speakers} train + {spec.test_speakers} test speakers, "
-        f"{spec.sessions} sessions x {spec.utterances} utterances each, seed {spec.seed}",
-        flush=True,
+    def __init__(self, *args, epilog_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epilog_fn = epilog_fn
+
+    def format_help(self) -> str:
+        if self.epilog_fn:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
+
+
+def _config_sections() -> str:
+    """train's epilog: the top-level keys of base_config(), one line each."""
+    import ml_collections
+
+    from ssps_jax import methods
+    from ssps_jax.config import base_config  # imports JAX: only for this help
+
+    config = base_config()
+    sections = {**_SECTIONS, **{name: m.summary for name, m in methods.REGISTRY.items()}}
+    order = ["seed", "method", *methods.REGISTRY, *_SECTIONS]
+    names = sorted(config.keys(), key=lambda k: (order.index(k) if k in order else len(order), k))
+    width = max(map(len, names))
+    lines = []
+    for name in names:
+        value = config[name]
+        if isinstance(value, ml_collections.ConfigDict):
+            keys = list(value.keys())
+            what = sections.get(name) or "keys: " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        else:
+            what = f"{sections.get(name, '')} (default {value!r})".lstrip()
+        lines.append(f"  {name:<{width}}  {what}")
+    return "\n".join(
+        [
+            "config sections (their keys and defaults: ssps_jax/config.py):",
+            *lines,
+            "",
+            "example:",
+            "  ssps-jax train --config configs/demo_ssps.py --workdir workdirs/x \\",
+            "      --config.train.epochs=5 --config.ssps.enabled=false --config.model.dtype=bfloat16",
+        ]
     )
-    corpus.write_demo_corpus(args.out, spec, workers=args.workers)
-    print(f"done in {time.time() - start:.0f} s: {args.out}/{corpus.TRAIN_CSV}, {corpus.TEST_CSV}, {corpus.TRIALS}")
 
 
-def _make_csv(args: argparse.Namespace) -> None:
-    root = Path(args.root).resolve()
-    base = Path(args.base_dir).resolve() if args.base_dir else root.parent
-    files = sorted(root.glob(f"*/*/*.{args.ext}"))
-    if not files:
-        raise SystemExit(f"error: no <speaker>/<session>/*.{args.ext} file under {root}")
+def _with_config(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """--config FILE and any number of --config.KEY=VALUE (main reads those from what argparse leaves).
+
+    Called after the command's other flags: the usage line it writes lists them.
+    """
+    if default is None:
+        p.add_argument("--config", required=True, metavar="FILE", help=what)
+    else:
+        p.add_argument("--config", default=default, metavar="FILE", help=f"{what} (default: %(default)s)")
+    sections = "listed below" if p.epilog_fn else "listed by `ssps-jax train --help`"
+    p.add_argument_group(
+        "config overrides",
+        f"{_OVERRIDES} (or {_OVERRIDES.replace('=', ' ')}), any number: set a key of the config,\n"
+        f"e.g. --config.train.epochs=5; the sections are {sections}",
+    )
+    usage = p.format_usage().removeprefix("usage: ").rstrip()
+    p.usage = f"{usage} [{_OVERRIDES} ...]"
+
+
+def _comma_ints(text: str) -> list[int]:
     try:
-        rel = [f.relative_to(base).as_posix() for f in files]
+        return [int(w) for w in text.split(",")]
     except ValueError:
-        raise SystemExit(f"error: {root} is not under the base folder {base}") from None
-    with open(args.out, "w") as f:
-        f.write("File,Speaker,Session\n")
-        f.writelines(f"{r},{p.parent.parent.name},{p.parent.name}\n" for r, p in zip(rel, files))
-    print(f"{len(files)} files of {len({p.parent.parent.name for p in files})} speakers -> {args.out}")
-
-
-def _prepare(args: argparse.Namespace) -> None:
-    from data_pipelines import speaker_corpus
-
-    data_dir = args.data_dir or os.path.join(args.base_dir, "tfds")
-    builder = speaker_corpus.prepare(
-        args.csv, args.base_dir, data_dir, name=args.name, min_seconds=args.min_seconds, skip_bad=args.skip_bad
-    )
-    print(f"{builder.info.splits['train'].num_examples} utterances in {builder.data_path}")
-
-
-def _bench_ssps(args: argparse.Namespace) -> None:
-    from ssps_jax.bench import ssps
-
-    ssps.main(args)
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ssps-jax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    parser = _Parser(
+        prog="ssps-jax",
+        description="Self-supervised speaker verification with SSPS, in JAX/Flax.",
+        epilog="`ssps-jax COMMAND --help` lists the flags of a command.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in _ABSL_COMMANDS:  # listed for --help; parsed by absl
-        sub.add_parser(name, help=f"see `ssps-jax {name} --help`", add_help=False)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="INFO logs of every library too (orbax, grain, TFDS, JAX)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare-demo", help="write the embedded multi-session demo corpus")
-    p.add_argument("out", help="output folder (the corpus base folder)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of speakers (default 60 + 20)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="synthesis processes")
-    for name, kind in (
-        ("train-speakers", int),
-        ("test-speakers", int),
-        ("sessions", int),
-        ("utterances", int),
-        ("min-seconds", float),
-        ("max-seconds", float),
-    ):
-        p.add_argument(f"--{name}", type=kind, default=None, help="override the (scaled) default")
-    p.set_defaults(fn=_prepare_demo)
+    def command(name: str, fn, help: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kwargs,
+        )
+        p.set_defaults(fn=fn, command_parser=p)
+        return p
 
-    p = sub.add_parser("make-csv", help="write File,Speaker,Session for a <speaker>/<session>/<utt> tree")
-    p.add_argument("root", help="e.g. data/voxceleb2")
-    p.add_argument("--out", required=True)
-    p.add_argument("--base-dir", help="paths are written relative to it (default: the parent of ROOT)")
-    p.add_argument("--ext", default="wav")
-    p.set_defaults(fn=_make_csv)
+    _add_runs(command)
+    _add_benchmarks(command)
+    _add_data(command)
+    return parser
 
-    p = sub.add_parser("prepare", help="build the TFDS ArrayRecord dataset of a train CSV")
-    p.add_argument("--csv", required=True, help="File,Speaker[,Session] CSV")
-    p.add_argument("--base-dir", required=True, help="folder the CSV paths are relative to")
-    p.add_argument("--data-dir", help="TFDS data dir (default: BASE_DIR/tfds)")
-    p.add_argument("--name", help="dataset config name (default: the CSV file name)")
-    p.add_argument("--min-seconds", type=float, default=0.5, help="shorter files are bad input")
-    p.add_argument("--skip-bad", action="store_true", help="prepare the good files, list the bad ones")
-    p.set_defaults(fn=_prepare)
 
-    p = sub.add_parser("bench-ssps", help="time one k-means run and SSPS sampling per step on the devices present")
+def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("train", commands.train, "train (or resume) a run", epilog_fn=_config_sections)
+    p.add_argument(
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help="run folder: checkpoints, logs, evaluations; resumed if it has a checkpoint",
+    )
+    _with_config(p, None, "experiment config file: configs/*.py, whose get_config() returns a ConfigDict")
+
+    p = command("evaluate", commands.evaluate, "evaluate a checkpoint of a training workdir on trial lists")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a training workdir")
+    p.add_argument(
+        "--trials", action="append", metavar="FILE", help="trial list, repeatable (default: the config's eval.trials)"
+    )
+    p.add_argument("--base-dir", metavar="DIR", help="folder the trial paths are relative to (default: the config's)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+
+    p = command("demo", commands.demo, "the CPU demo: SimCLR, then continued with and without SSPS, compared")
+    p.add_argument(
+        "--data",
+        default="demo_data",
+        metavar="DIR",
+        help="demo corpus, written first if missing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--workdir",
+        default="workdirs/demo_simclr",
+        metavar="DIR",
+        help="folder of the demo's runs (default: %(default)s)",
+    )
+    _with_config(p, "configs/demo_ssps.py", "config file, with SSPS enabled")
+
+
+def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command(
+        "bench", commands.bench, "time the SSPS train step: compile, step time, SSPS share, k-means, memory, MFU"
+    )
+    p.add_argument("--steps", type=int, default=20, help="timed train steps, median (default: %(default)s)")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first, the first call among them (default: %(default)s)"
+    )
+    p.add_argument("--batch", type=int, help="global batch (default: the config's train.global_batch_size)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's model.dtype)")
+    p.add_argument(
+        "--kmeans-n", type=int, metavar="N", help="reference queue rows (default: paper scale or the largest that fits)"
+    )
+    p.add_argument("--kmeans-k", type=int, metavar="K", help="k-means clusters (default: the config's; 5000 on CPU)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    p.add_argument("--baseline", choices=("torch",), help="also run the PyTorch reference step and print the ratios")
+    _with_config(p, "configs/simclr_ssps_ecapa.py", "config file; its model, batch, crops and ssps sizes are timed")
+
+    p = command("bench-input", commands.bench_input, "examples/s of the grain input pipeline per number of workers")
+    p.add_argument(
+        "--workers",
+        type=_comma_ints,
+        default="0,1,2",
+        metavar="N,N,...",
+        help="grain worker process counts to measure (default: %(default)s)",
+    )
+    p.add_argument("--batches", type=int, default=20, help="timed batches per worker count (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    p.add_argument(
+        "--against", metavar="FILE", help="JSON of `ssps-jax bench`: say whether the input keeps up with its samples/s"
+    )
+    _with_config(p, "configs/demo_ssps.py", "config file: its data section and batch are read")
+
+    p = command(
+        "bench-ssps", commands.bench_ssps, "time one k-means run and SSPS sampling per step on the devices present"
+    )
     # Defaults: SPEC section 11's CPU comparison point with sslsv (N 100k, K 5k, B 256, Q' 25k).
     for name, default, what in (
         ("n", 100_000, "dataset size = reference queue rows"),
@@ -138,25 +231,83 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed k-means runs (median)")
     p.add_argument("--steps", type=int, default=20, help="timed sampling steps (median)")
     p.add_argument("--json", help="also write the figures to this JSON file")
-    p.set_defaults(fn=_bench_ssps)
-    return parser
+
+
+def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("prepare-demo", commands.prepare_demo, "write the embedded multi-session demo corpus")
+    p.add_argument("out", help="output folder (the corpus base folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of speakers (default 60 + 20)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="synthesis processes")
+    for name, kind in (
+        ("train-speakers", int),
+        ("test-speakers", int),
+        ("sessions", int),
+        ("utterances", int),
+        ("min-seconds", float),
+        ("max-seconds", float),
+    ):
+        p.add_argument(f"--{name}", type=kind, default=None, help="override the (scaled) default")
+
+    p = command("make-csv", commands.make_csv, "write File,Speaker,Session for a <speaker>/<session>/<utt> tree")
+    p.add_argument("root", help="e.g. data/voxceleb2")
+    p.add_argument("--out", required=True, metavar="FILE", help="the CSV to write")
+    p.add_argument("--base-dir", metavar="DIR", help="paths are written relative to it (default: the parent of ROOT)")
+    p.add_argument("--ext", default="wav")
+
+    p = command("prepare", commands.prepare, "build the TFDS ArrayRecord dataset of a train CSV")
+    p.add_argument("--csv", required=True, metavar="FILE", help="File,Speaker[,Session] CSV")
+    p.add_argument("--base-dir", required=True, metavar="DIR", help="folder the CSV paths are relative to")
+    p.add_argument("--data-dir", metavar="DIR", help="TFDS data dir (default: BASE_DIR/tfds)")
+    p.add_argument("--name", help="dataset config name (default: the CSV file name)")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="shorter files are bad input")
+    p.add_argument("--skip-bad", action="store_true", help="prepare the good files, list the bad ones")
+
+
+def _overrides(command: argparse.ArgumentParser, extras: list[str], takes_config: bool) -> list[tuple[str, str]]:
+    """(key, value) of each --config.KEY=VALUE or --config.KEY VALUE in what argparse did not recognise."""
+    overrides, rest = [], list(extras)
+    while rest:
+        arg = rest.pop(0)
+        if not (takes_config and arg.startswith("--config.")):
+            command.error(f"unrecognized arguments: {' '.join([arg, *rest])}")
+        key, eq, value = arg.removeprefix("--config.").partition("=")
+        if not eq:
+            if not rest or rest[0].startswith("--"):
+                command.error(f"argument {arg}: expected one argument")
+            value = rest.pop(0)
+        overrides.append((key, value))
+    return overrides
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Warnings only unless --verbose: orbax, grain and TFDS are chatty at INFO (through absl's logger,
+    which propagates to the root one)."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _lost_run_errors() -> tuple[type[Exception], ...]:
+    """ssps_jax.train.NonFiniteLossError, if that module was imported (else nothing can have raised it)."""
+    train = sys.modules.get("ssps_jax.train")
+    return (train.NonFiniteLossError,) if train else ()
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in _ABSL_COMMANDS:
-        from ssps_jax import commands
-
-        getattr(commands, f"{argv[0].replace('-', '_')}_main")([f"ssps-jax {argv[0]}", *argv[1:]])
-        return
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing is noise here
-    from data_pipelines.errors import InputError
-
+    args, extras = _parser().parse_known_args(argv)
+    command = args.command_parser
     try:
+        overrides = _overrides(command, extras, takes_config="config" in args)
+        _setup_logging(args.verbose)
+        if "config" in args:
+            args.config = config_overrides.load(args.config, overrides)
         args.fn(args)
-    except InputError as e:  # bad input: a clear message, not a traceback
+    except (UsageError, ConfigError) as e:  # a mistake on the command line or in the config: one line
+        print(f"{command.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except InputError as e:  # bad input data: a clear message, not a traceback
+        raise SystemExit(f"error: {e}") from e
+    except _lost_run_errors() as e:
         raise SystemExit(f"error: {e}") from e
 
 

@@ -1,126 +1,144 @@
-"""`ssps-jax train`, `evaluate`, `demo` (ssps_jax/demo.py), `bench` and `bench-input` (ssps_jax/bench/).
+"""What each `ssps-jax` command does, given the arguments ssps_jax/cli.py parsed.
 
-train and evaluate take absl flags, so configs are ml_collections config
-files with command-line overrides:
-
-  ssps-jax train --config configs/demo_simclr.py --workdir W --config.train.epochs=5
-  ssps-jax evaluate --workdir W [--trials a.txt --trials b.txt] [--step N]
+One function per command, named after it. The library (and JAX with it) is
+imported inside them, so that `--help` and usage errors stay instant.
+Commands with a config (train, demo, bench, bench-input) receive it in
+`args.config` already loaded, overridden and locked. A path given on the
+command line that must exist is checked first, as a usage error (one line,
+exit 2) instead of a failure deep in the run.
 """
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
+import argparse
+import dataclasses
+import time
+from pathlib import Path
 
 from data_pipelines.errors import InputError
+from ssps_jax.config_overrides import UsageError
 
 
-def _run(fn, argv: list[str]) -> None:
-    """absl's app.run, with bad input and lost runs reported as one message."""
-    from ssps_jax.train import NonFiniteLossError
-
-    def main(_):
-        if not any(a.startswith(("--verbosity", "-v")) for a in argv):
-            logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-        try:
-            fn()
-        except (InputError, NonFiniteLossError) as e:
-            sys.exit(f"error: {e}")
-
-    app.run(main, argv=argv)
+def _file(flag: str, path: str) -> None:
+    if not Path(path).is_file():
+        raise UsageError(f"{flag}: file not found: {path}")
 
 
-def train_main(argv: list[str]) -> None:
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run folder: checkpoints, logs, evaluations. Resumes if it has a checkpoint.")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def run():
-        from ssps_jax import distributed
-        from ssps_jax.train import train
-
-        distributed.initialize()
-        train(flags.FLAGS.config, flags.FLAGS.workdir)
-
-    _run(run, argv)
+def _folder(flag: str, path: str) -> None:
+    if not Path(path).is_dir():
+        raise UsageError(f"{flag}: folder not found: {path}")
 
 
-def evaluate_main(argv: list[str]) -> None:
-    from ssps_jax.evaluate import evaluate as _evaluate
+def train(args: argparse.Namespace) -> None:
+    from ssps_jax import distributed
+    from ssps_jax import train as train_lib
 
-    flags.DEFINE_string("workdir", None, "A training workdir.")
-    flags.DEFINE_multi_string("trials", None, "Trial lists (default: the config's eval.trials).")
-    flags.DEFINE_string("base_dir", None, "Folder the trial paths are relative to (default: the config's).")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.mark_flag_as_required("workdir")
-    _run(lambda: _evaluate(flags.FLAGS.workdir, flags.FLAGS.trials, flags.FLAGS.base_dir, flags.FLAGS.step), argv)
+    distributed.initialize()  # several processes (a pod, a GPU cluster): one mesh of all their devices
+    train_lib.train(args.config, args.workdir)
 
 
-def demo_main(argv: list[str]) -> None:
-    flags.DEFINE_string("data", "demo_data", "Where the demo corpus is (written first if missing).")
-    flags.DEFINE_string("workdir", "workdirs/demo_simclr", "Folder of the demo's runs.")
-    config_flags.DEFINE_config_file("config", "configs/demo_ssps.py", "Config file (with SSPS).", lock_config=True)
+def evaluate(args: argparse.Namespace) -> None:
+    _folder("--workdir", args.workdir)
+    for trials in args.trials or ():
+        _file("--trials", trials)
+    if args.base_dir:
+        _folder("--base-dir", args.base_dir)
+    from ssps_jax.evaluate import evaluate as evaluate_run  # joins the multi-process runtime itself
 
-    def run():
-        from ssps_jax import demo
-
-        demo.run(flags.FLAGS.data, flags.FLAGS.workdir, flags.FLAGS.config)
-
-    _run(run, argv)
+    evaluate_run(args.workdir, args.trials, args.base_dir, args.step)
 
 
-def bench_main(argv: list[str]) -> None:
-    config_flags.DEFINE_config_file(
-        "config",
-        "configs/simclr_ssps_ecapa.py",
-        "Config file; its model, batch, crops and ssps sizes are timed.",
-        lock_config=True,
+def demo(args: argparse.Namespace) -> None:
+    from ssps_jax import demo as demo_lib
+
+    demo_lib.run(args.data, args.workdir, args.config)
+
+
+def bench(args: argparse.Namespace) -> None:
+    from ssps_jax import distributed
+    from ssps_jax.bench import train as bench_train
+
+    distributed.initialize()
+    bench_train.main(
+        args.config,
+        steps=args.steps,
+        warmup=args.warmup,
+        batch=args.batch,
+        dtype=args.dtype,
+        kmeans_n=args.kmeans_n,
+        kmeans_k=args.kmeans_k,
+        json_path=args.json,
+        baseline=args.baseline,
     )
-    flags.DEFINE_integer("steps", 20, "Timed train steps (median).")
-    flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first call is always one of them).")
-    flags.DEFINE_integer("batch", None, "Global batch (default: the config's train.global_batch_size).")
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's model.dtype).")
-    flags.DEFINE_integer("kmeans_n", None, "Reference queue rows N (default: paper scale or the largest that fits).")
-    flags.DEFINE_integer("kmeans_k", None, "k-means clusters K (default: the config's; 5000 on CPU).")
-    flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-    flags.DEFINE_enum("baseline", None, ["torch"], "Also run the PyTorch reference step and print the ratios.")
-
-    def run():
-        from ssps_jax import distributed
-        from ssps_jax.bench import train as bench
-
-        distributed.initialize()  # several processes (a pod, a GPU cluster): one mesh of all their devices
-        f = flags.FLAGS
-        bench.main(
-            f.config,
-            steps=f.steps,
-            warmup=f.warmup,
-            batch=f.batch,
-            dtype=f.dtype,
-            kmeans_n=f.kmeans_n,
-            kmeans_k=f.kmeans_k,
-            json_path=f.json,
-            baseline=f.baseline,
-        )
-
-    _run(run, argv)
 
 
-def bench_input_main(argv: list[str]) -> None:
-    config_flags.DEFINE_config_file(
-        "config", "configs/demo_ssps.py", "Config file: its data section and batch are read.", lock_config=True
+def bench_input(args: argparse.Namespace) -> None:
+    if args.against:
+        _file("--against", args.against)
+    from ssps_jax.bench import input as bench_input_lib
+
+    bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against)
+
+
+def bench_ssps(args: argparse.Namespace) -> None:
+    from ssps_jax.bench import ssps
+
+    ssps.main(args)
+
+
+def prepare_demo(args: argparse.Namespace) -> None:
+    from data_pipelines.demo_corpus import corpus
+
+    spec = corpus.DemoCorpusSpec(seed=args.seed).scaled(args.scale)
+    overrides = {
+        k: v
+        for k, v in {
+            "train_speakers": args.train_speakers,
+            "test_speakers": args.test_speakers,
+            "sessions": args.sessions,
+            "utterances": args.utterances,
+            "min_seconds": args.min_seconds,
+            "max_seconds": args.max_seconds,
+        }.items()
+        if v is not None
+    }
+    spec = dataclasses.replace(spec, **overrides)
+    start = time.time()
+    print(
+        f"writing the demo corpus to {args.out}: {spec.train_speakers} train + {spec.test_speakers} test speakers, "
+        f"{spec.sessions} sessions x {spec.utterances} utterances each, seed {spec.seed}",
+        flush=True,
     )
-    flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker process counts to measure: --workers=0,1,2.")
-    flags.DEFINE_integer("batches", 20, "Timed batches per worker count.")
-    flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-    flags.DEFINE_string("against", None, "JSON of `ssps-jax bench`: say whether the input keeps up with its samples/s.")
+    corpus.write_demo_corpus(args.out, spec, workers=args.workers)
+    print(f"done in {time.time() - start:.0f} s: {args.out}/{corpus.TRAIN_CSV}, {corpus.TEST_CSV}, {corpus.TRIALS}")
 
-    def run():
-        from ssps_jax.bench import input as bench
 
-        f = flags.FLAGS
-        bench.main(f.config, [int(w) for w in f.workers], f.batches, f.json, f.against)
+def make_csv(args: argparse.Namespace) -> None:
+    _folder("ROOT", args.root)
+    if args.base_dir:
+        _folder("--base-dir", args.base_dir)
+    root = Path(args.root).resolve()
+    base = Path(args.base_dir).resolve() if args.base_dir else root.parent
+    files = sorted(root.glob(f"*/*/*.{args.ext}"))
+    if not files:
+        raise InputError(f"no <speaker>/<session>/*.{args.ext} file under {root}")
+    try:
+        rel = [f.relative_to(base).as_posix() for f in files]
+    except ValueError:
+        raise UsageError(f"{root} is not under the base folder {base}") from None
+    with open(args.out, "w") as f:
+        f.write("File,Speaker,Session\n")
+        f.writelines(f"{r},{p.parent.parent.name},{p.parent.name}\n" for r, p in zip(rel, files))
+    print(f"{len(files)} files of {len({p.parent.parent.name for p in files})} speakers -> {args.out}")
 
-    _run(run, argv)
+
+def prepare(args: argparse.Namespace) -> None:
+    _file("--csv", args.csv)
+    _folder("--base-dir", args.base_dir)
+    from data_pipelines import speaker_corpus
+
+    data_dir = args.data_dir or speaker_corpus.default_data_dir(args.base_dir)
+    builder = speaker_corpus.prepare(
+        args.csv, args.base_dir, data_dir, name=args.name, min_seconds=args.min_seconds, skip_bad=args.skip_bad
+    )
+    print(f"{builder.info.splits['train'].num_examples} utterances in {builder.data_path}")

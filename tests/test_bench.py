@@ -73,7 +73,7 @@ def test_kmeans_size_on_cpu_is_the_spec_comparison_point_and_says_why():
     config, mesh = base_config(), sharding.make_mesh()
     n, k, why = sizing.kmeans_size(config, mesh, None, None, pos_bytes=0)
     assert (n, k) == (sizing.CPU_N, sizing.CPU_K) and "CPU" in why
-    assert sizing.kmeans_size(config, mesh, 1000, 10, pos_bytes=0) == (1000, 10, "as asked (--kmeans_n, --kmeans_k)")
+    assert sizing.kmeans_size(config, mesh, 1000, 10, pos_bytes=0) == (1000, 10, "as asked (--kmeans-n, --kmeans-k)")
 
 
 def tiny_bench_config():

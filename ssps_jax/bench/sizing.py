@@ -21,14 +21,14 @@ def kmeans_size(
 ) -> tuple[int, int, str]:
     """(N, K, why): the reference queue rows and clusters of the k-means run (and of the queues the step uses)."""
     if n and k:
-        return n, k, "as asked (--kmeans_n, --kmeans_k)"
+        return n, k, "as asked (--kmeans-n, --kmeans-k)"
     if jax.default_backend() == "cpu":
         n, k = n or CPU_N, k or CPU_K
         paper = 11 * 2 * PAPER_N * PAPER_K * PAPER_D
         why = (
             f"CPU backend: the paper size (N {PAPER_N}, K {PAPER_K}, D {PAPER_D}) is {paper:.1e} FLOP of E-steps "
             "alone, hours on a few cores; this is SPEC 11's CPU comparison point with sslsv "
-            "(--kmeans_n/--kmeans_k to change it)"
+            "(--kmeans-n/--kmeans-k to change it)"
         )
         return n, k, why
     n, k = n or PAPER_N, k or config.ssps.kmeans_clusters

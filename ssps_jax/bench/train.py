@@ -104,7 +104,7 @@ def run(
     if per_epoch < 2 * (warmup + steps):  # SSPS and plain steps take turns, both counting steps
         raise ValueError(
             f"N {n} is {per_epoch} steps of {batch_size}: the {2 * (warmup + steps)} steps timed must stay in "
-            "the epoch that was clustered; raise --kmeans_n"
+            "the epoch that was clustered; raise --kmeans-n"
         )
     sizes = Sizes(
         n=n,

@@ -35,6 +35,7 @@ class Method(abc.ABC):
     """A self-supervised framework: its model, optimizer, state, step and what SSPS queues for it."""
 
     name: str  # config.method, and the name of its config section
+    summary: str  # its config section in one line (`ssps-jax train --help`)
     crop_mode: str  # which views data_pipelines.crops makes for it: "siamese" (2 crops) or "dino" (multi-crop)
 
     @abc.abstractmethod

@@ -194,6 +194,7 @@ def _last_layer(params):
 
 class DINOMethod(Method):
     name = "dino"
+    summary = "DINO: head sizes, student/teacher temperatures, teacher EMA, frozen last layer"
     crop_mode = "dino"
 
     def default_config(self) -> dict:

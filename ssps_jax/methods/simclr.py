@@ -85,6 +85,7 @@ class SimCLRSettings:
 
 class SimCLRMethod(Method):
     name = "simclr"
+    summary = "SimCLR: NT-Xent temperature, optional projector"
     crop_mode = "siamese"
 
     def default_config(self) -> dict:
