@@ -1,4 +1,4 @@
-"""DINO-SSPS, ECAPA-TDNN C=1024 on VoxCeleb2 (SPEC sections 5-6; sslsv's dino_e-ecapa/ssps_kmeans_25k_uni-1).
+"""DINO-SSPS, ECAPA-TDNN C=1024 on VoxCeleb2 (docs/method.md §5-§6; sslsv's dino_e-ecapa/ssps_kmeans_25k_uni-1).
 
 80 log-mels with a Hann window, 2 global 4 s + 4 local 2 s crops, global
 batch 128, SGD 0.2; 80 epochs of plain DINO, then SSPS-Clustering

@@ -1,4 +1,4 @@
-"""SimCLR, ECAPA-TDNN C=1024 on VoxCeleb2 (the SSPS paper's SimCLR baseline; SPEC 6-8).
+"""SimCLR, ECAPA-TDNN C=1024 on VoxCeleb2 (the SSPS paper's SimCLR baseline; docs/method.md §6-§8).
 
 40 log-mels with a Hamming window (sslsv's defaults; 22.5 M encoder
 parameters), 2 s crops with MUSAN + RIR augmentation, temperature 0.03 and

@@ -1,4 +1,4 @@
-"""SimCLR-SSPS, ECAPA-TDNN C=1024 on VoxCeleb2: the paper's main setting (SPEC section 5).
+"""SimCLR-SSPS, ECAPA-TDNN C=1024 on VoxCeleb2: the paper's main setting (docs/method.md §5).
 
 100 epochs of plain SimCLR (configs/simclr_ecapa.py), then SSPS-Clustering
 ("kmeans-repr") from epoch 100 to 120: K = 25 000 prototypes, M = 1 (the

@@ -38,7 +38,7 @@ CATEGORIES = ("speech", "music", "noise")
 class AugmentConfig:
     strategy: str = "both"
     aug_prob: float = 1.0
-    # SNR ranges in dB and number of files per category (SPEC section 10).
+    # SNR ranges in dB and number of files per category (docs/method.md §10).
     snr: tuple[tuple[float, float], ...] = ((13.0, 20.0), (5.0, 15.0), (0.0, 15.0))
     count: tuple[tuple[int, int], ...] = ((1, 1), (1, 1), (1, 1))
 

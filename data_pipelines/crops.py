@@ -1,4 +1,4 @@
-"""Crops of an utterance: the views a self-supervised example is made of (SPEC 2).
+"""Crops of an utterance: the views a self-supervised example is made of (docs/method.md §2).
 
 Per utterance `i`:
   siamese (SimCLR, ...): 2 crops of `frame_seconds` (2 s), each augmented

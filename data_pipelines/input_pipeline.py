@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class TrainExamples(grain.transforms.RandomMap):
-    """Record -> {views..., reference, index}: SPEC section 2 for one utterance."""
+    """Record -> {views..., reference, index}: docs/method.md §2 for one utterance."""
 
     crops: crops_lib.CropConfig
     augmenter: augment_lib.Augmenter | None

@@ -215,7 +215,7 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command(
         "bench-ssps", commands.bench_ssps, "time one k-means run and SSPS sampling per step on the devices present"
     )
-    # Defaults: SPEC section 11's CPU comparison point with sslsv (N 100k, K 5k, B 256, Q' 25k).
+    # Defaults: docs/method.md §11's CPU comparison point with sslsv (N 100k, K 5k, B 256, Q' 25k).
     for name, default, what in (
         ("n", 100_000, "dataset size = reference queue rows"),
         ("k", 5_000, "clusters"),

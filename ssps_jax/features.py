@@ -1,4 +1,4 @@
-"""Log-mel features on the accelerator (SPEC section 7), as sslsv computes them.
+"""Log-mel features on the accelerator (docs/method.md §7), as sslsv computes them.
 
 sslsv uses torchaudio's MelSpectrogram then `log(x + 1e-6)` and a non-affine
 InstanceNorm1d. Spelled out:

@@ -13,7 +13,7 @@ from data_pipelines import speaker_corpus
 from data_pipelines.demo_corpus import corpus
 
 # Big enough for the statistics the tests compute, small enough to write in seconds.
-SMALL_SPEC = corpus.DemoCorpusSpec(
+SMALL_CORPUS = corpus.DemoCorpusSpec(
     seed=7,
     train_speakers=16,
     test_speakers=4,
@@ -30,7 +30,7 @@ SMALL_SPEC = corpus.DemoCorpusSpec(
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small demo corpus in sslsv layout (read-only for tests)."""
-    return corpus.write_demo_corpus(tmp_path_factory.mktemp("demo"), SMALL_SPEC)
+    return corpus.write_demo_corpus(tmp_path_factory.mktemp("demo"), SMALL_CORPUS)
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_noise_snr_within_half_a_db_of_target(banks, category, tmp_path):
         for seed in range(5):
             clean = _speechlike(32000, seed)
             assert abs(_snr_db(clean, aug(clean, rng)) - target) < 0.5
-    # Default ranges (SPEC section 10): the realised SNR falls in the category's range.
+    # Default ranges (docs/method.md §10): the realised SNR falls in the category's range.
     lo, hi = AugmentConfig().snr[CATEGORIES.index(category)]
     aug = Augmenter(AugmentConfig(strategy="noise"), noise_dir=only, rir_dir=None)
     snrs = [_snr_db(c, aug(c, rng)) for c in (_speechlike(32000, s) for s in range(40))]

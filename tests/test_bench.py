@@ -69,7 +69,7 @@ def test_peak_flops_table():
     assert flops.peak_flops("cpu", "float32") is None
 
 
-def test_kmeans_size_on_cpu_is_the_spec_comparison_point_and_says_why():
+def test_kmeans_size_on_cpu_is_the_sslsv_comparison_point_and_says_why():
     config, mesh = base_config(), sharding.make_mesh()
     n, k, why = sizing.kmeans_size(config, mesh, None, None, pos_bytes=0)
     assert (n, k) == (sizing.CPU_N, sizing.CPU_K) and "CPU" in why

@@ -1,4 +1,4 @@
-"""Every config file loads, and the paper configs hold the SPEC's values."""
+"""Every config file loads, and the paper configs hold the paper's values (docs/method.md §5-§8)."""
 
 import importlib.util
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Crops (SPEC section 2): lengths, positions, wrap-padding, a clean reference crop."""
+"""Crops (docs/method.md §2): lengths, positions, wrap-padding, a clean reference crop."""
 
 import numpy as np
 import pytest

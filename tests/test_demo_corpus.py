@@ -10,7 +10,7 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SMALL_SPEC
+from conftest import SMALL_CORPUS
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_curve
 from sklearn.preprocessing import StandardScaler
@@ -70,21 +70,21 @@ def test_layout(demo_dir):
     train = _rows(demo_dir / corpus.TRAIN_CSV)
     test = _rows(demo_dir / corpus.TEST_CSV)
     assert list(train[0]) == ["File", "Speaker", "Session"]
-    for rows, n_speakers in ((train, SMALL_SPEC.train_speakers), (test, SMALL_SPEC.test_speakers)):
-        assert len(rows) == n_speakers * SMALL_SPEC.sessions * SMALL_SPEC.utterances
+    for rows, n_speakers in ((train, SMALL_CORPUS.train_speakers), (test, SMALL_CORPUS.test_speakers)):
+        assert len(rows) == n_speakers * SMALL_CORPUS.sessions * SMALL_CORPUS.utterances
         assert len({r["Speaker"] for r in rows}) == n_speakers
         for speaker, group in itertools.groupby(rows, key=lambda r: r["Speaker"]):
-            assert len({r["Session"] for r in group}) == SMALL_SPEC.sessions, speaker
+            assert len({r["Session"] for r in group}) == SMALL_CORPUS.sessions, speaker
     for r in train[:: len(train) // 7] + test[:3]:
         # sslsv layout: demo/<speaker>/<session>/<utt>.wav, relative to the base folder.
         assert r["File"].split("/")[:3] == ["demo", r["Speaker"], r["Session"]]
         info = sf.info(demo_dir / r["File"])
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
-        assert SMALL_SPEC.min_seconds <= info.duration <= SMALL_SPEC.max_seconds + 1e-3
+        assert SMALL_CORPUS.min_seconds <= info.duration <= SMALL_CORPUS.max_seconds + 1e-3
     for category in ("speech", "music", "noise"):
-        assert len(list((demo_dir / "musan_split" / category).glob("*/*.wav"))) == SMALL_SPEC.background_files
-    assert len(list((demo_dir / "simulated_rirs").glob("*/*/*.wav"))) == 3 * SMALL_SPEC.rirs_per_room
-    assert json.loads((demo_dir / "demo_corpus.json").read_text()) == dataclasses.asdict(SMALL_SPEC)
+        assert len(list((demo_dir / "musan_split" / category).glob("*/*.wav"))) == SMALL_CORPUS.background_files
+    assert len(list((demo_dir / "simulated_rirs").glob("*/*/*.wav"))) == 3 * SMALL_CORPUS.rirs_per_room
+    assert json.loads((demo_dir / "demo_corpus.json").read_text()) == dataclasses.asdict(SMALL_CORPUS)
     # The manifest parser accepts what the generator writes.
     assert len(manifests.read_utterances(demo_dir / corpus.TRAIN_CSV)) == len(train)
 
@@ -95,8 +95,8 @@ def test_trials_are_speaker_disjoint_cross_session_and_balanced(demo_dir):
     trials = manifests.read_trials(demo_dir / corpus.TRIALS, base_dir=demo_dir)
     labels = np.array([t.label for t in trials])
     assert labels.sum() == (1 - labels).sum()  # balanced
-    n_targets = SMALL_SPEC.test_speakers * (SMALL_SPEC.sessions * (SMALL_SPEC.sessions - 1) // 2)
-    assert labels.sum() == n_targets * SMALL_SPEC.utterances**2  # every cross-session pair
+    n_targets = SMALL_CORPUS.test_speakers * (SMALL_CORPUS.sessions * (SMALL_CORPUS.sessions - 1) // 2)
+    assert labels.sum() == n_targets * SMALL_CORPUS.utterances**2  # every cross-session pair
     assert len({(t.enrol, t.test) for t in trials}) == len(trials)
     for t in trials:
         a, b = test[t.enrol], test[t.test]
@@ -132,7 +132,7 @@ def mfcc_stats(demo_dir):
 
 def test_corpus_carries_speaker_and_session(mfcc_stats):
     x, speaker, session, utt = mfcc_stats
-    train = utt <= SMALL_SPEC.utterances - 2  # hold out 2 utterances of every session
+    train = utt <= SMALL_CORPUS.utterances - 2  # hold out 2 utterances of every session
     x = StandardScaler().fit(x[train]).transform(x)
     accuracy = {}
     for name, y in (("speaker", speaker), ("session", session)):
@@ -148,8 +148,8 @@ def test_corpus_carries_speaker_and_session(mfcc_stats):
     sessions_of = {s: sorted(set(session[speaker == s])) for s in set(speaker)}
     predicted = [max(sessions_of[s], key=lambda c: p[column[c]]) for s, p in zip(speaker[~train], proba)]
     within = np.mean(np.array(predicted) == session[~train])
-    print(f"session among the speaker's own {SMALL_SPEC.sessions}: accuracy {within:.3f}")
-    assert within > 2 / SMALL_SPEC.sessions
+    print(f"session among the speaker's own {SMALL_CORPUS.sessions}: accuracy {within:.3f}")
+    assert within > 2 / SMALL_CORPUS.sessions
 
 
 def test_channel_is_a_confound_for_cosine_scoring(mfcc_stats):

@@ -12,7 +12,7 @@ from ssps_jax.features import LogMelConfig, log_mel, num_frames
 
 
 def _reference(wave, config):
-    """The SPEC definition with librosa's STFT/mel and NumPy, independent of our code."""
+    """The definition of docs/method.md §7 with librosa's STFT/mel and NumPy, independent of our code."""
     win = signal.get_window(config.window, config.win_length, fftbins=True)
     power = librosa.feature.melspectrogram(
         y=wave.astype(np.float64),

@@ -1,4 +1,4 @@
-"""k-means and the neighbour table (SPEC section 4) against NumPy; sharded == unsharded."""
+"""k-means and the neighbour table (docs/method.md §4) against NumPy; sharded == unsharded."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from ssps_jax.ssps.state import init_ssps_state
 
 
 def _kmeans_numpy(x, init_rows, iterations):
-    """SPEC section 4, written plainly."""
+    """docs/method.md §4, written plainly."""
     centroids = x[init_rows].astype(np.float64)
     for _ in range(iterations):
         labels = np.argmax(x @ centroids.T, axis=1)

@@ -1,4 +1,4 @@
-"""Pseudo-positive sampling (SPEC section 5) on 8 devices, with hand-built queues."""
+"""Pseudo-positive sampling (docs/method.md §5) on 8 devices, with hand-built queues."""
 
 import functools
 

@@ -280,7 +280,7 @@ def test_eval_embeddings_match_ours_with_trained_running_statistics(config, ours
 
 
 def _reference_kmeans(x, init_rows, iterations):
-    """SPEC section 4 in NumPy: Lloyd's iterations on the sphere, empty clusters keep their centroid."""
+    """docs/method.md §4 in NumPy: Lloyd's iterations on the sphere, empty clusters keep their centroid."""
     centroids = x[init_rows].copy()
     for _ in range(iterations):
         labels = np.argmax(x @ centroids.T, axis=1)

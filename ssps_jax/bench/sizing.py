@@ -2,7 +2,7 @@
 
 Paper scale (N = 1 092 009, K = the config's, 25 000 in the paper configs) or
 the largest N that fits the device memory; on CPU
-SPEC 11's comparison point (N = 100 000, K = 5 000). What ran,
+docs/method.md §11's comparison point (N = 100 000, K = 5 000). What ran,
 and why, is printed. The step's queues are made at the same N.
 """
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 PAPER_N, PAPER_K, PAPER_D = 1_092_009, 25_000, 512  # VoxCeleb2 train utterances, prototypes, encoder_dim
-CPU_N, CPU_K = 100_000, 5_000  # SPEC 11's CPU comparison point with sslsv
+CPU_N, CPU_K = 100_000, 5_000  # docs/method.md §11's CPU comparison point with sslsv
 
 
 def kmeans_size(
@@ -27,7 +27,7 @@ def kmeans_size(
         paper = 11 * 2 * PAPER_N * PAPER_K * PAPER_D
         why = (
             f"CPU backend: the paper size (N {PAPER_N}, K {PAPER_K}, D {PAPER_D}) is {paper:.1e} FLOP of E-steps "
-            "alone, hours on a few cores; this is SPEC 11's CPU comparison point with sslsv "
+            "alone, hours on a few cores; this is docs/method.md §11's CPU comparison point with sslsv "
             "(--kmeans-n/--kmeans-k to change it)"
         )
         return n, k, why

@@ -23,7 +23,8 @@ from ssps_jax.ssps import step as ssps_step
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, mesh, dataset_size: int, seed: int) -> dict:
-    """A global batch of random waveforms with the method's crops (SPEC 2) and distinct indices, split on `mesh`."""
+    """A global batch of random waveforms with the method's crops (docs/method.md §2) and distinct indices, split on
+    `mesh`."""
     crop_config = crops_lib.CropConfig(**config.data.crops)
     example = crops_lib.make_views(np.zeros(1, np.float32), crop_config, np.random.default_rng(0))
     shapes = {name: x.shape for name, x in sorted(example.items())}

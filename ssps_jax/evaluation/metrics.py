@@ -1,4 +1,4 @@
-"""Speaker-verification metrics: EER and minDCF (SPEC section 9).
+"""Speaker-verification metrics: EER and minDCF (docs/method.md §9).
 
 A trial is accepted when its score >= threshold. Sweeping the threshold over
 every distinct score (and past the largest) gives the operating points

@@ -1,4 +1,4 @@
-"""Speaker verification on VoxCeleb-format trial lists (SPEC section 9).
+"""Speaker verification on VoxCeleb-format trial lists (docs/method.md §9).
 
 Each test utterance is embedded whole, L2-normalised, and a trial's score is
 the cosine of its two embeddings. Audio of every listed file is read once,

@@ -1,4 +1,4 @@
-"""Spherical k-means on a queue sharded over devices (SPEC section 4), and the neighbour table.
+"""Spherical k-means on a queue sharded over devices (docs/method.md §4), and the neighbour table.
 
 Per device, inside shard_map over the `data` axis:
   init     K rows of the *global* queue at seeded random global positions,
@@ -93,7 +93,7 @@ def neighbours(
 ) -> jnp.ndarray:
     """(K, max(count, 1)) indices: each cluster's `count` nearest other centroids, nearest first.
 
-    With count = 0 the only neighbour of a cluster is itself (SPEC section 4).
+    With count = 0 the only neighbour of a cluster is itself (docs/method.md §4).
     Each device ranks K / axis_size clusters (K padded up to a multiple of it).
     """
     k = centroids.shape[0]

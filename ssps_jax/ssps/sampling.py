@@ -1,4 +1,4 @@
-"""Pseudo-positive sampling on device, vectorised over the batch (SPEC section 5).
+"""Pseudo-positive sampling on device, vectorised over the batch (docs/method.md §5).
 
 Runs per device inside the train step's shard_map. Anchor b of the global
 batch draws with its own key, fold_in(step key, b), so draws do not depend

@@ -6,7 +6,7 @@ benchmark run on one machine gives ours / theirs ratios, and a test
 (tests/test_torch_baseline.py) proves it computes the same function: from
 our weights (`load_flax_variables`) and the same inputs, the losses agree.
 
-  features.py    log-mel front end (SPEC 7): our NumPy window and filterbank, torch.stft
+  features.py    log-mel front end (docs/method.md §7): our NumPy window and filterbank, torch.stft
   ecapa_tdnn.py  ECAPA-TDNN with sslsv's module tree, so state_dict keys are sslsv's keys
   simclr.py      SimCLR model and NT-Xent, Flax -> torch weight loading
   ssps.py        SSPS kmeans-repr: queues, sslsv's KMeans, its per-anchor sampling loop

@@ -1,4 +1,4 @@
-"""Log-mel features in PyTorch, with exactly our definition (SPEC 7, ssps_jax/features.py).
+"""Log-mel features in PyTorch, with exactly our definition (docs/method.md §7, ssps_jax/features.py).
 
 sslsv's BaseEncoder runs torchaudio's MelSpectrogram (centred reflect-padded
 frames, periodic window zero-padded to n_fft, power 2, HTK mels without

@@ -23,7 +23,7 @@ sslsv facts mirrored:
     *last* queue row holding it; `apply` copies those rows of the positive
     queue over the anchors' positives (the others keep theirs).
 
-Where sslsv differs from SPEC, this follows SPEC (and ssps_jax), because the
+Where sslsv differs from docs/method.md (§3-§5, §12), this follows it (and ssps_jax), because the
 benchmark and the equivalence test compare the same algorithm:
   * reference queue capacity = train-set size rounded down to the batch
     (sslsv has that too for kmeans-repr; it sizes it to Q' only for knn);
