@@ -12,11 +12,14 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
 # torch is installed first, pinned to the CPU build these machines carry (a bare
 # "torch" would pull the newest CUDA build, several GB); the test extra's range accepts it.
+# Then libtpu, for the JAX version installed (jax[tpu]==that version): the TPU tests and
+# `ssps-jax compile` compile for TPU slices on this CPU host.
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -45,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
             "train_csv": ml_collections.config_dict.placeholder(str),
             "base_dir": ml_collections.config_dict.placeholder(str),  # CSV paths are relative to it
             "tfds_dir": "",  # prepared ArrayRecords; "" means <base_dir>/tfds
+            # Utterances in the train split, for sizing the SSPS queues where the data is not at hand
+            # (`ssps-jax compile`); 0: unknown. Training always counts the prepared split.
+            "train_size": 0,
             "min_seconds": 0.5,  # shorter files are bad input
             "skip_bad": False,
             "crops": dataclasses.asdict(crops_lib.CropConfig()),
@@ -107,6 +110,15 @@ def train_dataset(
     ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
     ds = ds[process_index::process_count]
     return ds.repeat(num_epochs)
+
+
+def batch_shapes(data: ml_collections.ConfigDict, global_batch_size: int) -> dict[str, tuple[tuple, np.dtype]]:
+    """(shape, dtype) of every array of a global batch, without reading any data (ahead-of-time compilation)."""
+    crops = crops_lib.CropConfig(**data.crops)
+    example = crops_lib.make_views(np.zeros(1, np.float32), crops, np.random.default_rng(0))
+    shapes = {name: ((global_batch_size, *x.shape), x.dtype) for name, x in sorted(example.items())}
+    shapes["index"] = ((global_batch_size,), np.dtype(np.int32))
+    return shapes
 
 
 def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 4) -> grain.DatasetIterator:

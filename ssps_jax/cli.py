@@ -6,6 +6,7 @@ ssps-jax demo            the CPU demo: SimCLR, then with and without SSPS, compa
 ssps-jax bench           the SSPS train step: compile, step time, SSPS share, k-means, memory, MFU
 ssps-jax bench-input     examples/s of the grain input pipeline per number of workers
 ssps-jax bench-ssps      time k-means and SSPS sampling at a given size
+ssps-jax compile         compile every program of a run for a TPU slice, on this host: memory, roofline, collectives
 ssps-jax prepare-demo    write the embedded demo corpus (sslsv layout)
 ssps-jax make-csv        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
 ssps-jax prepare         build the TFDS ArrayRecords of a train CSV
@@ -141,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_runs(command)
     _add_benchmarks(command)
+    _add_compile(command)
     _add_data(command)
     return parser
 
@@ -231,6 +233,35 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed k-means runs (median)")
     p.add_argument("--steps", type=int, default=20, help="timed sampling steps (median)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+
+
+def _add_compile(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command(
+        "compile",
+        commands.compile_for_tpu,
+        "compile a run's programs for a TPU slice on this host (no TPU needed): per-device memory against HBM, "
+        "FLOPs, roofline step time, collectives",
+    )
+    p.add_argument("--topology", required=True, help="TPU slice, e.g. v5e:4x4, v4:2x2x2, v5p:4x4x4, v6e:16x16")
+    p.add_argument("--batch", type=int, help="global batch (default: the config's train.global_batch_size)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the config's model.dtype)")
+    p.add_argument(
+        "--programs",
+        default="plain,ssps,cluster,embed",
+        help="which of plain, ssps, cluster, embed (every evaluation bucket) to compile (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dataset-size", type=int, metavar="N", help="train utterances (default: the config's data.train_size)"
+    )
+    p.add_argument(
+        "--eval-seconds",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="longest test utterance: the embedding buckets compiled go up to it (default: %(default)s)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    _with_config(p, None, "experiment config file: configs/*.py")
 
 
 def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:

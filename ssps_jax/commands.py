@@ -80,6 +80,21 @@ def bench_input(args: argparse.Namespace) -> None:
     bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against)
 
 
+def compile_for_tpu(args: argparse.Namespace) -> None:
+    from ssps_jax import aot
+
+    aot.main(
+        args.config,
+        args.topology,
+        batch=args.batch,
+        dtype=args.dtype,
+        programs=tuple(p for p in args.programs.split(",") if p),
+        dataset_size=args.dataset_size,
+        eval_seconds=args.eval_seconds,
+        json_path=args.json,
+    )
+
+
 def bench_ssps(args: argparse.Namespace) -> None:
     from ssps_jax.bench import ssps
 

@@ -109,6 +109,7 @@ def use_voxceleb(config: ml_collections.ConfigDict, data_dir: str = "data") -> m
     """Train on VoxCeleb2, evaluate on VoxCeleb1-O, in the layout of README "VoxCeleb from a manual download"."""
     config.data.train_csv = f"{data_dir}/voxceleb2_train.csv"
     config.data.base_dir = data_dir
+    config.data.train_size = 1_092_009  # VoxCeleb2 dev utterances
     config.data.workers = 8
     config.train.epochs = 100
     config.train.global_batch_size = 256
@@ -143,6 +144,7 @@ def use_demo(config: ml_collections.ConfigDict, data_dir: str = "demo_data") -> 
     config.model.ecapa_tdnn.se_channels = 32
     config.data.train_csv = f"{data_dir}/demo_train.csv"
     config.data.base_dir = data_dir
+    config.data.train_size = 1080  # the default corpus: 60 speakers x 3 sessions x 6 utterances
     config.data.workers = 1
     config.train.global_batch_size = 64
     config.eval.trials = (f"{data_dir}/demo_trials.txt",)
@@ -164,8 +166,12 @@ def _check_choice(config, key, choices):
         _fail(key, f"must be one of {choices}, got {value!r}")
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
-    """Raises ConfigError naming the first invalid key; touches no accelerator."""
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None, data_on_disk: bool = True) -> None:
+    """Raises ConfigError naming the first invalid key; touches no accelerator.
+
+    `data_on_disk=False` (ahead-of-time compilation on a host without the
+    corpus) leaves out the checks that files and folders exist.
+    """
     _check_choice(config, "method", tuple(methods.REGISTRY))
     method = methods.get(config.method)
     _check_choice(config, "model.encoder", ENCODERS)
@@ -218,21 +224,26 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     for key in ("train_csv", "base_dir"):
         if not d[key]:
             _fail(f"data.{key}", "is required")
-    if not Path(d.train_csv).is_file():
+    if data_on_disk and not Path(d.train_csv).is_file():
         _fail("data.train_csv", f"file not found: {d.train_csv}")
-    if not Path(d.base_dir).is_dir():
+    if data_on_disk and not Path(d.base_dir).is_dir():
         _fail("data.base_dir", f"folder not found: {d.base_dir}")
+    if d.train_size < 0:
+        _fail("data.train_size", f"must be >= 0, got {d.train_size}")
     if d.crops.mode != method.crop_mode:
         _fail("data.crops.mode", f"{config.method} needs {method.crop_mode!r} crops, got {d.crops.mode!r}")
     try:  # builds the crop and augmentation settings, and lists the noise / RIR folders
-        input_pipeline.make_examples(d)
+        if data_on_disk:
+            input_pipeline.make_examples(d)
+        else:
+            input_pipeline.batch_shapes(d, 1)
     except (InputError, TypeError) as e:
         _fail("data", str(e))
 
     _validate_ssps(config)
 
     for i, trials in enumerate(config.eval.trials):
-        if not Path(trials).is_file():
+        if data_on_disk and not Path(trials).is_file():
             _fail(f"eval.trials[{i}]", f"file not found: {trials}")
     if config.eval.bucket_ratio <= 1:
         _fail("eval.bucket_ratio", f"must be > 1, got {config.eval.bucket_ratio}")

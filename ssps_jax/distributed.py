@@ -4,8 +4,10 @@
   * `JAX_COORDINATOR_ADDRESS` set (host:port of process 0): the standard
     settings, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (and optionally
     `JAX_LOCAL_DEVICE_IDS`), e.g. one process per host of a GPU cluster;
-  * a Cloud TPU VM (libtpu installed), or a Slurm / Open MPI job of several
-    tasks: `jax.distributed.initialize()` with JAX's own detection of the
+  * a Cloud TPU VM (libtpu installed and TPU chips present: /dev/accel* or
+    /dev/vfio/N; libtpu alone is no sign, `ssps-jax compile` uses it on any
+    host), or a Slurm / Open MPI job of several tasks:
+    `jax.distributed.initialize()` with JAX's own detection of the
     coordinator, process count and id;
   * otherwise nothing: one process that sees all local devices.
 After it, `jax.devices()` lists the devices of every process and the `data`
@@ -15,6 +17,7 @@ On CPU the collectives between processes are gloo's (JAX's default).
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import logging
 import os
@@ -22,6 +25,12 @@ import os
 import jax
 
 logger = logging.getLogger(__name__)
+
+
+def _on_tpu_vm() -> bool:
+    """libtpu installed and TPU chips attached (v4 / v5e show /dev/accel*, v5p / v6e /dev/vfio/<n>)."""
+    chips = glob.glob("/dev/accel*") or [p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit()]
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def _several_tasks() -> bool:
@@ -38,7 +47,7 @@ def initialize() -> bool:
         if missing:
             raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} is not")
         jax.distributed.initialize(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-    elif importlib.util.find_spec("libtpu") is not None or _several_tasks():
+    elif _on_tpu_vm() or _several_tasks():
         try:
             jax.distributed.initialize()  # JAX detects Cloud TPU slices, Slurm and Open MPI
         except ValueError as e:  # nothing detected (e.g. libtpu installed off a TPU VM)

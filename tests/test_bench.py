@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax import sharding
+from ssps_jax import hardware, sharding
 from ssps_jax.bench import baseline, flops, report, sizing
 from ssps_jax.bench import input as bench_input
 from ssps_jax.bench import train as bench
@@ -62,11 +62,11 @@ def test_counted_flops_equal_the_hand_count():
 
 
 def test_peak_flops_table():
-    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert flops.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
-    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 495e12  # TF32: JAX's default precision
-    assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
-    assert flops.peak_flops("cpu", "float32") is None
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert hardware.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 495e12  # TF32: JAX's default precision
+    assert hardware.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+    assert hardware.peak_flops("cpu", "float32") is None
 
 
 def test_kmeans_size_on_cpu_is_the_sslsv_comparison_point_and_says_why():

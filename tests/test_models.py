@@ -113,7 +113,7 @@ def test_bucketed_embedding_equals_each_utterance_alone(model):
         np.testing.assert_allclose(emb, alone(variables, wave[None])[0], rtol=1e-4, atol=1e-5)
     # One compilation per bucket used (8000, 12000, 18080, 27040 samples), not per length.
     buckets = bucket_lengths(max(lengths), 8000, 1.5)
-    assert embedder._embed._cache_size() == len(set(np.searchsorted(buckets, lengths))) == 4
+    assert embedder.program._cache_size() == len(set(np.searchsorted(buckets, lengths))) == 4
 
 
 def test_bucket_lengths():

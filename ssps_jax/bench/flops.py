@@ -5,7 +5,7 @@ step (`compiled.cost_analysis()["flops"]`: every HLO op of the partitioned
 per-device program -- convolutions, matmuls, FFTs, elementwise work, the
 optimizer -- with loop bodies counted once; this step has no loop whose trip
 count matters). MFU = FLOPs / step time / the device's dense peak (PEAK_FLOPS;
-unknown on CPU, where only FLOP/s are printed).
+ssps_jax/hardware.py; unknown on CPU, where only FLOP/s are printed).
 
 Cross-check: an analytic count of the Conv and Dense layers (2 x multiply-adds
 at the shapes they are called with, traced, `matmul_flops`) x 3 for forward +
@@ -21,29 +21,6 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-
-# Dense peak FLOP/s of one JAX device by compute dtype (bfloat16, float32), from the vendors' datasheets.
-# The float32 figure is that of the unit XLA runs float32 matmuls and convolutions on at JAX's default
-# precision: TF32 tensor cores on Ampere / Hopper GPUs, one bfloat16 pass on TPUs. The first name
-# contained in the device kind wins, so more specific names come first.
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 495e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989e12, 495e12),  # same compute as the H100 SXM (and GH200's Hopper)
-    ("A100", 312e12, 156e12),  # SXM and PCIe
-    ("TPU v4", 275e12, 275e12),
-    ("TPU v5 lite", 197e12, 197e12),  # v5e
-    ("TPU v5", 459e12, 459e12),  # v5p
-    ("TPU v6 lite", 918e12, 918e12),  # v6e
-)
-
-
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-    """Dense peak FLOP/s of one device of this kind computing in `dtype`; None if unknown (e.g. CPU)."""
-    for name, bf16, fp32 in PEAK_FLOPS:
-        if name.lower() in device_kind.lower():
-            return bf16 if dtype == "bfloat16" else fp32
-    return None
 
 
 def counted_flops(compiled) -> float | None:

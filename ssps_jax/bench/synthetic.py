@@ -12,11 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_pipelines import crops as crops_lib
+from data_pipelines import input_pipeline
 from ssps_jax import methods, sharding
 from ssps_jax.bench.ssps import Sizes, random_queues
 from ssps_jax.ssps import step as ssps_step
@@ -25,14 +24,13 @@ from ssps_jax.ssps import step as ssps_step
 def synthetic_batch(config: ml_collections.ConfigDict, mesh, dataset_size: int, seed: int) -> dict:
     """A global batch of random waveforms with the method's crops (docs/method.md §2) and distinct indices, split on
     `mesh`."""
-    crop_config = crops_lib.CropConfig(**config.data.crops)
-    example = crops_lib.make_views(np.zeros(1, np.float32), crop_config, np.random.default_rng(0))
-    shapes = {name: x.shape for name, x in sorted(example.items())}
-    batch = config.train.global_batch_size
+    shapes = input_pipeline.batch_shapes(config.data, config.train.global_batch_size)
+    del shapes["index"]  # distinct indices, drawn below
 
     def make():
         keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes) + 1)
-        out = {name: 0.1 * jax.random.normal(key, (batch, *shape)) for key, (name, shape) in zip(keys, shapes.items())}
+        out = {name: 0.1 * jax.random.normal(key, shape) for key, (name, (shape, _)) in zip(keys, shapes.items())}
+        batch = config.train.global_batch_size
         out["index"] = jax.random.choice(keys[-1], dataset_size, (batch,), replace=False).astype(jnp.int32)
         return out
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from ssps_jax import methods, sharding
 from ssps_jax.bench.baseline import compare, run_baseline
-from ssps_jax.bench.flops import analytic_step_flops, counted_flops, peak_flops
+from ssps_jax.bench.flops import analytic_step_flops, counted_flops
 from ssps_jax.bench.memory import peak_memory
 from ssps_jax.bench.report import table
 from ssps_jax.bench.sizing import kmeans_size
@@ -55,6 +55,7 @@ from ssps_jax.bench.ssps import Sizes, make_sampling_step
 from ssps_jax.bench.synthetic import full_queues, make_reference_embed, synthetic_batch
 from ssps_jax.bench.timing import devices_line, median_seconds, timed
 from ssps_jax.build import Run, build
+from ssps_jax.hardware import peak_flops
 
 
 def bench_config(

@@ -51,7 +51,8 @@ class Embedder:
         self.mesh = mesh
         self.bucket_ratio = bucket_ratio
         self.min_bucket = min_bucket
-        self._embed = jax.jit(embed_fn, out_shardings=sharding.replicated(mesh))
+        # (variables, wave (B, L) split over `data`, lengths (B,)) -> (B, D) replicated; compiled once per bucket.
+        self.program = jax.jit(embed_fn, out_shardings=sharding.replicated(mesh))
 
     def __call__(self, variables, waves: list[np.ndarray]) -> np.ndarray:
         """(N, D) float32 embeddings of `waves` (1-D int16 or float arrays), in input order."""
@@ -71,7 +72,7 @@ class Embedder:
                 for row, i in enumerate(padded):
                     wave[row, : lengths[i]] = _as_float(waves[i])
                 batch = sharding.global_batch({"wave": wave[mine], "lengths": lengths[padded][mine]}, self.mesh)
-                emb = np.asarray(self._embed(variables, batch["wave"], batch["lengths"]))
+                emb = np.asarray(self.program(variables, batch["wave"], batch["lengths"]))
                 if out is None:
                     out = np.zeros((len(waves), emb.shape[1]), np.float32)
                 out[chunk] = emb[: len(chunk)]

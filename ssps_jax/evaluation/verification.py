@@ -70,16 +70,21 @@ class Verifier:
                 f.writelines(f"{score:.6f} {t.label} {t.enrol} {t.test}\n" for score, t in zip(s, self.trials[name]))
 
 
-def make_verifier(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Verifier | None:
-    """Evaluation of `model` (its `embed`) on config.eval.trials, or None when there are none."""
-    if not config.eval.trials:
-        return None
+def embed_fn(model):
+    """(variables, wave, lengths) -> embeddings: the model's `embed`, the function evaluation compiles per bucket."""
 
     def embed(variables, wave, lengths):
         return model.apply(variables, wave, lengths, method=type(model).embed)
 
+    return embed
+
+
+def make_verifier(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Verifier | None:
+    """Evaluation of `model` (its `embed`) on config.eval.trials, or None when there are none."""
+    if not config.eval.trials:
+        return None
     embedder = Embedder(
-        embed,
+        embed_fn(model),
         mesh,
         config.eval.batch_size,
         bucket_ratio=config.eval.bucket_ratio,
