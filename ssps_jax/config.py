@@ -228,8 +228,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         _fail("data.train_csv", f"file not found: {d.train_csv}")
     if data_on_disk and not Path(d.base_dir).is_dir():
         _fail("data.base_dir", f"folder not found: {d.base_dir}")
-    if d.train_size < 0:
-        _fail("data.train_size", f"must be >= 0, got {d.train_size}")
+    if d.train_size < 0 or 0 < d.train_size < t.global_batch_size:
+        _fail("data.train_size", f"must be 0 (unknown) or at least one global batch, got {d.train_size}")
     if d.crops.mode != method.crop_mode:
         _fail("data.crops.mode", f"{config.method} needs {method.crop_mode!r} crops, got {d.crops.mode!r}")
     try:  # builds the crop and augmentation settings, and lists the noise / RIR folders
