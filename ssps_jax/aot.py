@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -66,22 +65,9 @@ _HLO_ARRAY = re.compile(r"\b(?P<dtype>pred|[sufc]\d+|bf16)\[(?P<dims>[\d,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "bf16": 2}
 
 
-# libtpu, loaded only to compile: no metadata server to ask, no TPU VM's worker list, and no lock on the
-# chips (there are none), so several compiles may run at once. Without these it probes the network and
-# prints a screen of warnings. Set before libtpu loads; a value already in the environment wins.
-LIBTPU_ENV = {
-    "TPU_SKIP_MDS_QUERY": "1",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-    "TPU_WORKER_ID": "0",
-    "TPU_ACCELERATOR_TYPE": "v5litepod-4",  # any valid name: the topology compiled for is passed explicitly
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-}
-
-
 def topology_devices(name: str) -> list:
     """Every device of the TPU slice `name` (e.g. "v5e:4x4"), across all its hosts."""
-    for key, value in LIBTPU_ENV.items():
-        os.environ.setdefault(key, value)
+    hardware.quiet_libtpu_off_tpu()
     from jax.experimental import topologies
 
     try:

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 
 from data_pipelines.errors import ConfigError, InputError
-from ssps_jax import commands, config_overrides
+from ssps_jax import commands, config_overrides, hardware
 from ssps_jax.config_overrides import UsageError
 
 # One line per section of base_config() in `train --help`; the list itself comes from base_config(),
@@ -325,6 +325,7 @@ def _lost_run_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    hardware.quiet_libtpu_off_tpu()  # before any command starts JAX
     args, extras = _parser().parse_known_args(argv)
     command = args.command_parser
     try:

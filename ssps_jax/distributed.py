@@ -17,20 +17,14 @@ On CPU the collectives between processes are gloo's (JAX's default).
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import logging
 import os
 
 import jax
 
+from ssps_jax import hardware
+
 logger = logging.getLogger(__name__)
-
-
-def _on_tpu_vm() -> bool:
-    """libtpu installed and TPU chips attached (v4 / v5e show /dev/accel*, v5p / v6e /dev/vfio/<n>)."""
-    chips = glob.glob("/dev/accel*") or [p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit()]
-    return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
 def _several_tasks() -> bool:
@@ -47,7 +41,7 @@ def initialize() -> bool:
         if missing:
             raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} is not")
         jax.distributed.initialize(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-    elif _on_tpu_vm() or _several_tasks():
+    elif hardware.tpu_chips_attached() or _several_tasks():
         try:
             jax.distributed.initialize()  # JAX detects Cloud TPU slices, Slurm and Open MPI
         except ValueError as e:  # nothing detected (e.g. libtpu installed off a TPU VM)

@@ -7,6 +7,9 @@ Used where a figure is turned into a fraction of the hardware: MFU in
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
+import os
 
 # Dense peak FLOP/s of one JAX device by compute dtype (bfloat16, float32), from the vendors' datasheets.
 # The float32 figure is that of the unit XLA runs float32 matmuls and convolutions on at JAX's default
@@ -57,3 +60,29 @@ def tpu_chip(device_kind: str) -> TPUChip:
         if device_kind == name:
             return chip
     raise ValueError(f"no datasheet figures for {device_kind!r}: known {[name for name, _ in TPU_CHIPS]}")
+
+
+def tpu_chips_attached() -> bool:
+    """libtpu installed and TPU chips on this host (v4 / v5e show /dev/accel*, v5p / v6e /dev/vfio/<n>)."""
+    chips = glob.glob("/dev/accel*") or [p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit()]
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
+# libtpu on a host without TPU chips (installed by `make test` for ahead-of-time compilation): no metadata
+# server to ask, no TPU VM's worker list, no lock on chips that are not there. Without these it probes the
+# network and prints a screen of warnings whenever JAX starts. Set before libtpu loads; values already in
+# the environment win.
+LIBTPU_OFF_TPU_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_WORKER_ID": "0",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",  # any valid name: `ssps-jax compile` passes its topology itself
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+}
+
+
+def quiet_libtpu_off_tpu() -> None:
+    """Sets LIBTPU_OFF_TPU_ENV's defaults unless this host has TPU chips; call before JAX starts a backend."""
+    if not tpu_chips_attached():
+        for key, value in LIBTPU_OFF_TPU_ENV.items():
+            os.environ.setdefault(key, value)

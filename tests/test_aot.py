@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines.errors import ConfigError
-from ssps_jax import aot, cli, sharding
+from ssps_jax import aot, cli, hardware, sharding
 from ssps_jax.build import build
 
 DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo_ssps.py")
@@ -163,5 +163,5 @@ def test_libtpu_installed_for_compiling_does_not_make_this_host_a_tpu_vm(monkeyp
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("joined a multi-process runtime"))
     assert not distributed.initialize()
-    monkeypatch.setattr(distributed.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
-    assert distributed._on_tpu_vm()
+    monkeypatch.setattr(hardware.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert hardware.tpu_chips_attached()
