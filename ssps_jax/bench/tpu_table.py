@@ -69,8 +69,11 @@ def markdown(out: Path) -> str:
     )
     lines = [head, "|" + " --- |" * 10]
     for name, _, topology, _ in ROWS:
-        path = out / f"{name}.json"
+        path, failed = out / f"{name}.json", out / f"{name}.failed.txt"
         if not path.exists():
+            if failed.exists():  # a refused config says why in its last line
+                why = (failed.read_text().strip().splitlines() or ["?"])[-1]
+                lines.append(f"| {name.rsplit('_', 1)[0]} | {topology} | | **no**: {why} | | | | | | |")
             continue
         r = json.loads(path.read_text())
         step = next((p for p in r["programs"] if p["name"] == "SSPS step"), r["programs"][0])
