@@ -341,6 +341,10 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.1f} s"
+
+
 def table(report: Report) -> str:
     """The report as a markdown table, one column per program."""
     gib = 2**30
@@ -396,7 +400,7 @@ def table(report: Report) -> str:
     if (total := run_roofline_seconds(r)) is not None:
         c = r.config
         lines.append(
-            f"\nWhole run at the roofline: {total / 3600:.2f} h ({c['epochs']} epochs x {c['steps_per_epoch']} steps"
+            f"\nWhole run at the roofline: {_duration(total)} ({c['epochs']} epochs x {c['steps_per_epoch']} steps"
             f"{', SSPS from epoch ' + str(c['ssps']['start_epoch']) if c['ssps'] else ''}; evaluation not counted)"
         )
     return "\n".join(lines)
