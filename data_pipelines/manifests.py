@@ -131,3 +131,22 @@ def read_trials(path: Path | str, base_dir: Path | str | None = None) -> list[Tr
     if problems:
         raise ManifestError(path, problems)
     return trials
+
+
+def trial_speakers(path: Path | str) -> set[str]:
+    """The speakers of a VoxCeleb trial list: the folder two above each file (`<speaker>/<session>/<utt>`).
+
+    Any prefix before that (`voxceleb1/`) is ignored. The files need not exist: `make-csv
+    --exclude-trials` reads the lists to leave their speakers out of a train CSV.
+    """
+    problems, speakers = [], set()
+    for trial in read_trials(path):
+        for name, file in (("enrol", trial.enrol), ("test", trial.test)):
+            parts = PurePosixPath(file).parts
+            if len(parts) < 3:
+                problems.append(f"line {trial.line}: field {name}: {file!r} is not <speaker>/<session>/<utt>")
+            else:
+                speakers.add(parts[-3])
+    if problems:
+        raise ManifestError(path, problems)
+    return speakers

@@ -285,6 +285,13 @@ def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="the CSV to write")
     p.add_argument("--base-dir", metavar="DIR", help="paths are written relative to it (default: the parent of ROOT)")
     p.add_argument("--ext", default="wav")
+    p.add_argument(
+        "--exclude-trials",
+        action="extend",
+        nargs="+",
+        metavar="LIST",
+        help="leave out the speakers of these VoxCeleb trial lists (repeatable), e.g. to train on VoxCeleb1 dev",
+    )
 
     p = command("prepare", commands.prepare, "build the TFDS ArrayRecord dataset of a train CSV")
     p.add_argument("--csv", required=True, metavar="FILE", help="File,Speaker[,Session] CSV")

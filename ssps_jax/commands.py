@@ -132,11 +132,27 @@ def make_csv(args: argparse.Namespace) -> None:
     _folder("ROOT", args.root)
     if args.base_dir:
         _folder("--base-dir", args.base_dir)
+    for trials in args.exclude_trials or ():
+        _file("--exclude-trials", trials)
     root = Path(args.root).resolve()
     base = Path(args.base_dir).resolve() if args.base_dir else root.parent
     files = sorted(root.glob(f"*/*/*.{args.ext}"))
     if not files:
         raise InputError(f"no <speaker>/<session>/*.{args.ext} file under {root}")
+    if args.exclude_trials:
+        # sslsv's VoxCeleb1 training set: the dev speakers, i.e. all but those the trial lists test on.
+        from data_pipelines.manifests import trial_speakers
+
+        test_speakers = set().union(*(trial_speakers(t) for t in args.exclude_trials))
+        kept = [p for p in files if p.parent.parent.name not in test_speakers]
+        excluded = {p.parent.parent.name for p in files} - {p.parent.parent.name for p in kept}
+        print(
+            f"excluded {len(excluded)} speakers and {len(files) - len(kept)} files: those under {root} of the "
+            f"{len(test_speakers)} speakers of {', '.join(args.exclude_trials)}"
+        )
+        if not kept:
+            raise InputError(f"every speaker under {root} is in the trial lists: nothing left to train on")
+        files = kept
     try:
         rel = [f.relative_to(base).as_posix() for f in files]
     except ValueError:

@@ -10,10 +10,20 @@ without projector (the SSPS paper's SimCLR config). Every registered method
 has its own section (`config.simclr`, `config.dino`, ...), with its defaults
 from its module; `config.method` picks the one trained. SSPS is off unless
 `ssps.enabled`; its defaults are the paper's main setting (docs/method.md §5).
+
+Relative paths in the data and eval sections (data.train_csv, data.tfds_dir,
+the MUSAN / RIR folders, eval.trials, eval.base_dir) are relative to
+data.base_dir, unless they exist as given (relative to the working
+directory); data.base_dir itself is relative to the working directory. So
+`--config.data.base_dir=/mnt/shared/data` moves a whole VoxCeleb layout, and
+configs whose paths already include their base folder (`use_demo`) keep
+working. `resolve_paths` is that rule, applied once where the config is used
+(validate, train, evaluate, bench-input).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import ml_collections
@@ -23,7 +33,7 @@ from data_pipelines.errors import ConfigError, InputError
 from ssps_jax import methods
 from ssps_jax.ssps.sampling import METHODS as SSPS_METHODS
 
-__all__ = ["ConfigError", "base_config", "use_method", "validate"]
+__all__ = ["ConfigError", "base_config", "resolve_paths", "use_method", "validate"]
 
 ENCODERS = ("ecapa_tdnn", "resnet34")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -106,14 +116,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def use_voxceleb(config: ml_collections.ConfigDict, data_dir: str = "data") -> ml_collections.ConfigDict:
-    """Train on VoxCeleb2, evaluate on VoxCeleb1-O, in the layout of README "VoxCeleb from a manual download"."""
-    config.data.train_csv = f"{data_dir}/voxceleb2_train.csv"
+    """Train on VoxCeleb2, evaluate on VoxCeleb1-O, in the layout of README "VoxCeleb from a manual download".
+
+    The CSV and trial list are named relative to data.base_dir (`resolve_paths`), so overriding
+    `--config.data.base_dir` moves them with it.
+    """
+    config.data.train_csv = "voxceleb2_train.csv"
     config.data.base_dir = data_dir
     config.data.train_size = 1_092_009  # VoxCeleb2 dev utterances
     config.data.workers = 8
     config.train.epochs = 100
     config.train.global_batch_size = 256
-    config.eval.trials = (f"{data_dir}/voxceleb1_test_O",)
+    config.eval.trials = ("voxceleb1_test_O",)
     config.eval.every_epochs = 5
     config.eval.batch_size = 64
     return config
@@ -152,6 +166,37 @@ def use_demo(config: ml_collections.ConfigDict, data_dir: str = "demo_data") -> 
     config.eval.bucket_ratio = 1.5
     config.eval.min_bucket_seconds = 3.0
     return config
+
+
+def _resolve(path: str | None, base_dir: str | None) -> str | None:
+    if not path or not base_dir or Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(Path(base_dir) / path)
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose relative data / eval paths are resolved against data.base_dir.
+
+    The one rule (module docstring): a relative path that exists as given is kept, any other is
+    taken as relative to data.base_dir; "" (the base_dir default) and absolute paths are kept.
+    Apply it once, to the config as written: a missing path resolved twice would be joined twice.
+    """
+    resolved = copy.deepcopy(config)
+    d, e = resolved.data, resolved.eval
+    base = d.base_dir
+    d.train_csv = _resolve(d.train_csv, base)
+    d.tfds_dir = _resolve(d.tfds_dir, base)
+    d.augment.noise_dir = _resolve(d.augment.noise_dir, base)
+    d.augment.rir_dir = _resolve(d.augment.rir_dir, base)
+    e.base_dir = _resolve(e.base_dir, base)
+    e.trials = tuple(_resolve(t, base) for t in e.trials)
+    return resolved
+
+
+def _not_found(what: str, given: str, resolved: str) -> str:
+    """The error of a missing path: the path looked for, and where it came from when resolution changed it."""
+    origin = f" ({given!r} relative to data.base_dir)" if resolved != given else ""
+    return f"{what} not found: {resolved}{origin}"
 
 
 def _fail(key: str, message: str):
@@ -224,17 +269,18 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
     for key in ("train_csv", "base_dir"):
         if not d[key]:
             _fail(f"data.{key}", "is required")
-    if data_on_disk and not Path(d.train_csv).is_file():
-        _fail("data.train_csv", f"file not found: {d.train_csv}")
+    resolved = resolve_paths(config)  # the paths train and evaluate use
     if data_on_disk and not Path(d.base_dir).is_dir():
         _fail("data.base_dir", f"folder not found: {d.base_dir}")
+    if data_on_disk and not Path(resolved.data.train_csv).is_file():
+        _fail("data.train_csv", _not_found("file", d.train_csv, resolved.data.train_csv))
     if d.train_size < 0 or 0 < d.train_size < t.global_batch_size:
         _fail("data.train_size", f"must be 0 (unknown) or at least one global batch, got {d.train_size}")
     if d.crops.mode != method.crop_mode:
         _fail("data.crops.mode", f"{config.method} needs {method.crop_mode!r} crops, got {d.crops.mode!r}")
     try:  # builds the crop and augmentation settings, and lists the noise / RIR folders
         if data_on_disk:
-            input_pipeline.make_examples(d)
+            input_pipeline.make_examples(resolved.data)
         else:
             input_pipeline.batch_shapes(d, 1)
     except (InputError, TypeError) as e:
@@ -242,9 +288,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
 
     _validate_ssps(config)
 
-    for i, trials in enumerate(config.eval.trials):
-        if data_on_disk and not Path(trials).is_file():
-            _fail(f"eval.trials[{i}]", f"file not found: {trials}")
+    for i, (trials, path) in enumerate(zip(config.eval.trials, resolved.eval.trials)):
+        if data_on_disk and not Path(path).is_file():
+            _fail(f"eval.trials[{i}]", _not_found("file", trials, path))
     if config.eval.bucket_ratio <= 1:
         _fail("eval.bucket_ratio", f"must be > 1, got {config.eval.bucket_ratio}")
     if config.eval.batch_size < 1:

@@ -13,6 +13,7 @@ from ssps_jax.observe import say
 def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None = None, step: int | None = None):
     """Evaluates a checkpoint of `workdir`; writes <workdir>/eval/step_<N>/; returns the results."""
     from ssps_jax import checkpoint, distributed, sharding
+    from ssps_jax import config as config_lib
     from ssps_jax.build import build_for_inference
     from ssps_jax.evaluation.verification import make_verifier
     from ssps_jax.train import load_config
@@ -27,6 +28,7 @@ def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None
             config.eval.base_dir = base_dir
     if not config.eval.trials:
         raise InputError("no trial list: pass --trials or set eval.trials in the config")
+    config = config_lib.resolve_paths(config)  # relative trial lists under data.base_dir, as in training
     mesh = sharding.make_mesh()
     method, model, state = build_for_inference(config, mesh)
     ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")

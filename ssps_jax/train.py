@@ -74,7 +74,8 @@ def train(
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
-    _save_config(config, workdir)
+    _save_config(config, workdir)  # as written: `evaluate` resolves it again, where it runs
+    config = config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
 
     source = _load_source(config)
     batch_size = config.train.global_batch_size

@@ -67,6 +67,9 @@ def run(
     device_samples_per_s: float | None = None,
 ) -> dict:
     """Measures every worker count; returns the figures."""
+    from ssps_jax.config import resolve_paths
+
+    config = resolve_paths(config)  # relative data paths under data.base_dir, as in training
     source = input_pipeline.load_source(config.data)
     examples = input_pipeline.make_examples(config.data)
     batch_size = config.train.global_batch_size
