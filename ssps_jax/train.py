@@ -79,7 +79,9 @@ def train(
 
     source = _load_source(config)
     batch_size = config.train.global_batch_size
-    run, state = build(config, mesh, len(source), labels=input_pipeline.train_labels(config.data, len(source)))
+    # The index file's labels feed only the SSPS diagnostics: not read (nor warned about) without SSPS.
+    labels = input_pipeline.train_labels(config.data, len(source)) if config.ssps.enabled else None
+    run, state = build(config, mesh, len(source), labels=labels)
     per_epoch = run.steps_per_epoch
     stop = (config.train.stop_at_epoch or config.train.epochs) * per_epoch  # where this run stops
     verifier = make_verifier(config, run.model, mesh)  # reads the test audio: fails before workers start
