@@ -6,7 +6,7 @@ Adding a method: write methods/<name>.py with a `Method` subclass and its
 
 from __future__ import annotations
 
-from ssps_jax.methods import dino, simclr
+from ssps_jax.methods import dino, simclr, vicreg
 from ssps_jax.methods.base import Method
 
 REGISTRY: dict[str, Method] = {
@@ -14,6 +14,7 @@ REGISTRY: dict[str, Method] = {
     for m in (
         simclr.METHOD,
         dino.METHOD,
+        vicreg.METHOD,
     )
 }
 
