@@ -24,6 +24,7 @@ setup(
         "grain>=0.2.10",
         "librosa>=0.10.2",
         "soundfile>=0.12",
+        "av>=14",  # PyAV: decodes m4a/AAC and whatever FFmpeg reads (FFmpeg is bundled in its wheels)
         "soxr>=0.5",
         "ml-collections>=1.0",
         "matplotlib>=3.8",  # the demo's DET plot

@@ -3,11 +3,34 @@
 Everything downstream works on 16 kHz mono. Files that are not get converted
 here (and the caller is told, so it can report it); files that cannot be used
 raise `AudioFileError` with the path and a one-line reason.
+
+Two decoders, one conversion:
+
+- libsndfile (soundfile) reads WAV, FLAC, OGG/Vorbis, Opus, MP3 and the other
+  formats it knows; it is tried first for every file, because it is the
+  fastest on PCM and its int16 round trip is exact.
+- FFmpeg, through PyAV (`av`, whose wheels bundle FFmpeg: no system ffmpeg),
+  decodes what libsndfile cannot open: AAC in .m4a/.mp4 (VoxCeleb2), and any
+  other format FFmpeg reads. Its first audio stream is decoded as FFmpeg's
+  demuxer delivers it (edit lists, i.e. encoder priming, applied as FFmpeg
+  applies them), converted to planar float at the stream's own rate and
+  channels.
+
+Both give float samples at the file's rate; the same downmix (channel mean)
+and the same soxr resampling then apply whatever the decoder, so a file
+converted to WAV or left as m4a differs only by the codec. When both decoders
+fail the reason is FFmpeg's (libsndfile's is often just "format not
+recognised"), prefixed by "unreadable".
+
+`is_silent` flags digitally silent audio (every sample zero after
+conversion): it is valid audio, so preparation keeps it, but it is almost
+always a broken file, so it is reported as a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +48,9 @@ class AudioFileError(InputError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+    def __reduce__(self):  # picklable with its two arguments: it crosses process boundaries
+        return type(self), (self.path, self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +71,68 @@ def write_wav(path: Path | str, x: np.ndarray, sample_rate: int = SAMPLE_RATE) -
     sf.write(path, to_pcm16(x), sample_rate, subtype="PCM_16", format="WAV")
 
 
+def encode_flac(samples: np.ndarray) -> bytes:
+    """16 kHz mono int16 -> the bytes of a FLAC file (lossless: `decode_flac` gives `samples` back)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def decode_flac(data: bytes) -> np.ndarray:
+    """The int16 samples of a FLAC file held in memory."""
+    samples, _ = sf.read(io.BytesIO(data), dtype="int16")
+    return samples
+
+
+def is_silent(samples: np.ndarray) -> bool:
+    """Digital silence: every sample is zero."""
+    return not np.any(samples)
+
+
+def _read_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    """(frames x channels float32, rate) of the first audio stream, decoded by FFmpeg through PyAV."""
+    import av  # deferred: only files libsndfile cannot read need it
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioFileError(path, "unreadable (no audio stream)")
+            stream = container.streams.audio[0]
+            # Only the sample format changes: rate and channels stay the file's (converted below, as for soundfile).
+            to_float = av.AudioResampler(format="fltp")
+            planes = [
+                frame.to_ndarray() for decoded in container.decode(stream) for frame in to_float.resample(decoded)
+            ]
+            planes += [frame.to_ndarray() for frame in to_float.resample(None)]
+            rate = stream.codec_context.sample_rate
+    except av.FFmpegError as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise AudioFileError(path, f"unreadable ({reason})") from None
+    if not planes:
+        return np.zeros((0, 1), np.float32), rate
+    return np.concatenate(planes, axis=1).T, rate
+
+
+def _read_any(path: Path) -> tuple[np.ndarray, int]:
+    """(frames x channels float32, rate): libsndfile if it can, else FFmpeg."""
+    try:
+        return sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError):
+        return _read_ffmpeg(path)
+
+
 def read_audio(path: Path | str, min_seconds: float = 0.0) -> Audio:
     """Reads `path` as 16 kHz mono int16 PCM.
 
     Multi-channel files are averaged to mono and other sample rates are
     resampled with soxr (through librosa); both are recorded in `notes`.
-    Raises AudioFileError when the file is missing, unreadable, empty, or
-    shorter than `min_seconds` (after resampling).
+    Raises AudioFileError when the file is missing, unreadable by both
+    decoders, empty, or shorter than `min_seconds` (after resampling).
     """
     path = Path(path)
     if not path.is_file():
         raise AudioFileError(path, "missing")
-    try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-        raise AudioFileError(path, f"unreadable ({e})") from None
+    data, rate = _read_any(path)
     if data.size == 0:
         raise AudioFileError(path, "empty (no samples)")
     notes = []
@@ -76,3 +149,18 @@ def read_audio(path: Path | str, min_seconds: float = 0.0) -> Audio:
     if len(mono) < min_seconds * SAMPLE_RATE:
         raise AudioFileError(path, f"too short ({len(mono) / SAMPLE_RATE:.2f} s < {min_seconds:g} s)")
     return Audio(to_pcm16(mono), tuple(notes))
+
+
+def duration_seconds(path: Path | str) -> float:
+    """A file's duration from its header (no decoding); 0.0 when neither decoder can tell."""
+    try:
+        return sf.info(str(path)).duration
+    except (sf.LibsndfileError, RuntimeError, ValueError):
+        pass
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return (container.duration or 0) / av.time_base
+    except av.FFmpegError:
+        return 0.0

@@ -16,6 +16,9 @@ Order of operations, and why:
                              epoch's permutation on any number of processes
   .repeat(num_epochs)        epoch e reads positions e S G ... (new shuffle)
 
+Records stored as FLAC (`data.storage = "flac"`) are decoded to the same
+int16 samples inside the map, in the grain workers.
+
 G is the global batch, P the number of JAX processes. The iterator's state
 (grain's own, `get_state`/`set_state`, checkpointable with orbax) is a
 position in this sequence, so a restored run sees exactly the batches it
@@ -50,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
             "train_size": 0,
             "min_seconds": 0.5,  # shorter files are bad input
             "skip_bad": False,
+            "storage": "int16",  # how prepared records hold audio: "int16" PCM, or "flac" (smaller, decoded on read)
+            "prepare_workers": 0,  # processes decoding the corpus when it is prepared; 0: all cores
             "crops": dataclasses.asdict(crops_lib.CropConfig()),
             "augment": {
                 "enabled": True,
@@ -78,7 +83,8 @@ class TrainExamples(grain.transforms.RandomMap):
     augmenter: augment_lib.Augmenter | None
 
     def random_map(self, record, rng: np.random.Generator):
-        audio = record["audio"].astype(np.float32) / 32768.0
+        # FLAC records are decoded here, in the grain workers: the same int16 samples as int16 storage.
+        audio = speaker_corpus.decode_audio(record["audio"]).astype(np.float32) / 32768.0
         out = crops_lib.make_views(audio, self.crops, rng, self.augmenter)
         out["index"] = np.int32(record["index"])
         return out
@@ -168,7 +174,11 @@ def train_labels(data: ml_collections.ConfigDict, size: int) -> tuple[np.ndarray
 
 
 def load_source(data: ml_collections.ConfigDict):
-    """The prepared `train` split (built on first use) as a random-access source."""
+    """The prepared `train` split (built on first use, resumed if interrupted) as a random-access source.
+
+    A dataset TFDS did not finish writing is not prepared (it is built, or its build continued);
+    one whose shard files are missing is refused with an error naming its folder.
+    """
     for key in ("train_csv", "base_dir"):
         if not data.get(key):
             raise InputError(f"config field data.{key} is required")
@@ -178,5 +188,8 @@ def load_source(data: ml_collections.ConfigDict):
         tfds_dir(data),
         min_seconds=data.min_seconds,
         skip_bad=data.skip_bad,
+        storage=data.storage,
+        workers=data.prepare_workers or None,
     )
+    speaker_corpus.check_complete(builder)
     return builder.as_data_source(split="train")

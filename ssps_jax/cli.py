@@ -3,8 +3,10 @@
 ssps-jax train           train (or resume) a run: --config FILE --workdir DIR [--config.KEY=VALUE ...]
 ssps-jax evaluate        a checkpoint of a run on trial lists
 ssps-jax demo            the CPU demo: SimCLR, then with and without SSPS, compared on the demo corpus
+ssps-jax demo-methods    every method's demo (with and without SSPS) in one table with wall times
 ssps-jax bench           the SSPS train step: compile, step time, SSPS share, k-means, memory, MFU
 ssps-jax bench-input     examples/s of the grain input pipeline per number of workers
+ssps-jax bench-prepare   files/s of `prepare` on a generated corpus, extrapolated to VoxCeleb2
 ssps-jax bench-ssps      time k-means and SSPS sampling at a given size
 ssps-jax compile         compile every program of a run for a TPU slice, on this host: memory, roofline, collectives
 ssps-jax prepare-demo    write the embedded demo corpus (sslsv layout)
@@ -39,7 +41,7 @@ _SECTIONS = {
     "train": "epochs, global batch size, logging and checkpoint intervals",
     "optim": "optimizer, learning-rate schedule, weight decay, gradient clipping",
     "ssps": "SSPS: on/off, start epoch, sampling variant, k-means and queue sizes",
-    "eval": "trial lists, evaluation interval, embedding batch",
+    "eval": "trial lists, evaluation interval, embedding batch, S-Norm/AS-Norm cohort, confidence intervals",
 }
 _OVERRIDES = "--config.KEY=VALUE"
 
@@ -160,10 +162,14 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("evaluate", commands.evaluate, "evaluate a checkpoint of a training workdir on trial lists")
     p.add_argument("--workdir", required=True, metavar="DIR", help="a training workdir")
     p.add_argument(
-        "--trials", action="append", metavar="FILE", help="trial list, repeatable (default: the config's eval.trials)"
+        "--trials",
+        action="extend",
+        nargs="+",
+        metavar="FILE",
+        help="trial lists, relative to data.base_dir unless they exist as given (default: the config's eval.trials)",
     )
     p.add_argument("--base-dir", metavar="DIR", help="folder the trial paths are relative to (default: the config's)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
 
     p = command("demo", commands.demo, "the CPU demo: SimCLR, then continued with and without SSPS, compared")
     p.add_argument(
@@ -179,6 +185,19 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="folder of the demo's runs (default: %(default)s)",
     )
     _with_config(p, "configs/demo_ssps.py", "config file, with SSPS enabled")
+
+    p = command(
+        "demo-methods", commands.demo_methods, "every method's demo, without and with SSPS, in one table (wall times)"
+    )
+    p.add_argument("--data", default="demo_data", metavar="DIR", help="demo corpus (default: %(default)s)")
+    p.add_argument(
+        "--workdir", default="workdirs/demo_methods", metavar="DIR", help="one folder per method (default: %(default)s)"
+    )
+    p.add_argument(
+        "--methods",
+        default="simclr,dino,vicreg,moco,swav,supervised",
+        help="comma-separated, in this order (default: %(default)s)",
+    )
 
 
 def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -213,6 +232,19 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         "--against", metavar="FILE", help="JSON of `ssps-jax bench`: say whether the input keeps up with its samples/s"
     )
     _with_config(p, "configs/demo_ssps.py", "config file: its data section and batch are read")
+
+    p = command(
+        "bench-prepare", commands.bench_prepare, "files/s of `prepare` on a generated corpus, per process count"
+    )
+    p.add_argument("out", help="folder for the generated corpus (kept, reused) and the prepared datasets")
+    p.add_argument("--files", type=int, default=20_000, help="files to generate (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=1.0, help="mean duration of a file (default: %(default)s)")
+    p.add_argument("--format", choices=("m4a", "wav"), default="m4a", help="file format (default: %(default)s)")
+    p.add_argument(
+        "--workers", type=_comma_ints, default="1,2", metavar="N,N,...", help="process counts (default: %(default)s)"
+    )
+    p.add_argument("--storage", choices=("int16", "flac"), default="int16")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
 
     p = command(
         "bench-ssps", commands.bench_ssps, "time one k-means run and SSPS sampling per step on the devices present"
@@ -300,6 +332,18 @@ def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--name", help="dataset config name (default: the CSV file name)")
     p.add_argument("--min-seconds", type=float, default=0.5, help="shorter files are bad input")
     p.add_argument("--skip-bad", action="store_true", help="prepare the good files, list the bad ones")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes decoding the files (default: all cores, %(default)s)",
+    )
+    p.add_argument(
+        "--storage",
+        choices=("int16", "flac"),
+        default="int16",
+        help="records hold int16 PCM, or lossless FLAC (smaller, decoded when read) (default: %(default)s)",
+    )
 
 
 def _overrides(command: argparse.ArgumentParser, extras: list[str], takes_config: bool) -> list[tuple[str, str]]:
@@ -326,9 +370,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _lost_run_errors() -> tuple[type[Exception], ...]:
-    """ssps_jax.train.NonFiniteLossError, if that module was imported (else nothing can have raised it)."""
+    """Errors that end a run with one line: a full disk, and ssps_jax.train.NonFiniteLossError if train was imported."""
+    from ssps_jax.storage import StorageFullError
+
     train = sys.modules.get("ssps_jax.train")
-    return (train.NonFiniteLossError,) if train else ()
+    return (StorageFullError, *((train.NonFiniteLossError,) if train else ()))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,9 +38,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    _folder("--workdir", args.workdir)
-    for trials in args.trials or ():
-        _file("--trials", trials)
+    _folder("--workdir", args.workdir)  # --trials are checked once resolved under data.base_dir (evaluate.py)
     if args.base_dir:
         _folder("--base-dir", args.base_dir)
     from ssps_jax.evaluate import evaluate as evaluate_run  # joins the multi-process runtime itself
@@ -52,6 +50,12 @@ def demo(args: argparse.Namespace) -> None:
     from ssps_jax import demo as demo_lib
 
     demo_lib.run(args.data, args.workdir, args.config)
+
+
+def demo_methods(args: argparse.Namespace) -> None:
+    from ssps_jax import demo_methods as demo_methods_lib
+
+    demo_methods_lib.run(args.data, args.workdir, [m.strip() for m in args.methods.split(",") if m.strip()])
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -78,6 +82,12 @@ def bench_input(args: argparse.Namespace) -> None:
     from ssps_jax.bench import input as bench_input_lib
 
     bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against)
+
+
+def bench_prepare(args: argparse.Namespace) -> None:
+    from ssps_jax.bench import prepare as bench_prepare_lib
+
+    bench_prepare_lib.main(args.out, args.files, args.seconds, args.format, args.workers, args.storage, args.json)
 
 
 def compile_for_tpu(args: argparse.Namespace) -> None:
@@ -166,10 +176,19 @@ def make_csv(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace) -> None:
     _file("--csv", args.csv)
     _folder("--base-dir", args.base_dir)
+    if args.workers < 1:
+        raise UsageError(f"--workers: must be >= 1, got {args.workers}")
     from data_pipelines import speaker_corpus
 
     data_dir = args.data_dir or speaker_corpus.default_data_dir(args.base_dir)
     builder = speaker_corpus.prepare(
-        args.csv, args.base_dir, data_dir, name=args.name, min_seconds=args.min_seconds, skip_bad=args.skip_bad
+        args.csv,
+        args.base_dir,
+        data_dir,
+        name=args.name,
+        min_seconds=args.min_seconds,
+        skip_bad=args.skip_bad,
+        storage=args.storage,
+        workers=args.workers,
     )
     print(f"{builder.info.splits['train'].num_examples} utterances in {builder.data_path}")

@@ -64,7 +64,8 @@ def _row(workdir: Path, trials: str, which: int, after_step: int = 0) -> dict:
     records = _records(workdir)
     evals = [r for r in records if r["kind"] == "eval"]
     e = evals[which]
-    row = {"workdir": str(workdir), "step": e["step"], "eer": e[f"{trials}/eer"], "min_dcf": e[f"{trials}/min_dcf"]}
+    row = {"workdir": str(workdir), "step": e["step"]}
+    row.update(eer=e[f"{trials}/cosine/eer"], min_dcf=e[f"{trials}/cosine/min_dcf_0.01"])
     sampled = [r for r in records if r["kind"] == "train" and r["step"] > after_step and r.get("ssps/coverage", 0) > 0]
     for key in ("coverage", "same_speaker", "same_session"):
         values = [r[f"ssps/{key}"] for r in sampled if math.isfinite(r.get(f"ssps/{key}", math.nan))]

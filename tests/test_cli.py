@@ -129,8 +129,17 @@ def test_missing_paths_given_on_the_command_line_are_one_line(tmp_path, capsys):
     missing = tmp_path / "missing"
     line = _usage_error(["evaluate", "--workdir", str(missing)], capsys)
     assert line == f"ssps-jax evaluate: error: --workdir: folder not found: {missing}"
+    # Trial lists are looked for where the workdir's config resolves them: under its data.base_dir.
+    config = config_lib.base_config()
+    config.data.base_dir = str(tmp_path)
+    (tmp_path / "config.json").write_text(config.to_json())
     line = _usage_error(["evaluate", "--workdir", str(tmp_path), "--trials", str(missing)], capsys)
     assert line == f"ssps-jax evaluate: error: --trials: file not found: {missing}"
+    line = _usage_error(["evaluate", "--workdir", str(tmp_path), "--trials", "voxceleb1_test_E"], capsys)
+    assert line == (
+        f"ssps-jax evaluate: error: --trials: file not found: {tmp_path / 'voxceleb1_test_E'} "
+        "('voxceleb1_test_E' relative to data.base_dir)"
+    )
     line = _usage_error(["prepare", "--csv", str(missing), "--base-dir", str(tmp_path)], capsys)
     assert line == f"ssps-jax prepare: error: --csv: file not found: {missing}"
     line = _usage_error(["make-csv", str(missing), "--out", str(tmp_path / "x.csv")], capsys)

@@ -122,3 +122,46 @@ def test_missing_config_fields_are_named():
     config = input_pipeline.default_config()
     with pytest.raises(InputError, match=r"data\.train_csv"):
         input_pipeline.load_source(config)
+
+
+def test_flac_records_give_the_same_batches_as_int16(demo_dir, demo_source, examples, tmp_path):
+    from data_pipelines import speaker_corpus
+
+    flac = speaker_corpus.prepare(
+        demo_dir / "demo_train.csv", demo_dir, tmp_path / "flac", storage="flac", workers=1
+    ).as_data_source(split="train")
+    assert flac[0]["audio"].dtype == np.uint8  # stored as FLAC, decoded in the map
+    steps = input_pipeline.steps_per_epoch(len(demo_source), GLOBAL_BATCH)
+    positions = (0, steps - 1, steps)
+    _assert_same_batches(
+        [_dataset(flac, examples, seed=9)[i] for i in positions],
+        [_dataset(demo_source, examples, seed=9)[i] for i in positions],
+    )
+
+
+def test_bench_input_measures_flac_against_int16(demo_source):
+    from data_pipelines import audio_io
+    from ssps_jax.bench import input as bench_input
+
+    costs = bench_input.storage_costs(demo_source, records=5)
+    pcm = [demo_source[i]["audio"] for i in range(5)]
+    flac_bytes = sum(len(audio_io.encode_flac(x)) for x in pcm)
+    assert costs["records"] == 5
+    assert costs["flac_size_ratio"] == pytest.approx(flac_bytes / sum(x.nbytes for x in pcm))
+    assert 0 < costs["flac_size_ratio"] < 1  # lossless, and smaller on the demo's voices
+    assert costs["mean_seconds"] == pytest.approx(np.mean([len(x) for x in pcm]) / 16000)
+    assert set(costs["decode_ms"]) == {"int16", "flac"}
+    table = bench_input.table(
+        {
+            "cpus": 2,
+            "train_csv": "x.csv",
+            "records": 5,
+            "batch": 8,
+            "crops": {"mode": "simclr", "reference_seconds": 4.0},
+            "augment": "off",
+            "device_samples_per_s": None,
+            "rows": [],
+            "storage": costs,
+        }
+    )
+    assert f"| flac | {costs['flac_size_ratio']:.2f} |" in table

@@ -76,6 +76,16 @@ def test_hand_made_cases():
     assert eer([0.9, 0.5, 0.5, 0.1], labels) == pytest.approx(0.25)
 
 
+def test_min_dcf_at_p_target_0_05_by_hand():
+    # Targets 0.9, 0.5, 0.4; one non-target (0.6) above the two lower targets, 39 below them all.
+    scores = [0.9, 0.5, 0.4, 0.6, *np.linspace(-0.5, 0.3, 39)]
+    labels = [1, 1, 1] + [0] * 40
+    # Normalised cost FNR + FPR (1 - p) / p. Threshold 0.9: FNR 2/3, FPR 0 -> 2/3 at any p.
+    # Threshold 0.4: FNR 0, FPR 1/40 -> 19/40 at p = 0.05 (the minimum), 99/40 at p = 0.01.
+    assert min_dcf(scores, labels, p_target=0.05) == pytest.approx(19 / 40, abs=1e-12)
+    assert min_dcf(scores, labels, p_target=0.01) == pytest.approx(2 / 3, abs=1e-12)
+
+
 def test_needs_both_kinds_of_trials():
     with pytest.raises(ValueError, match="target and non-target"):
         eer([0.1, 0.2], [1, 1])

@@ -180,3 +180,20 @@ def test_bootstrap_min_dcf_and_bad_arguments():
         scoring.bootstrap_ci(scores, labels, metrics.eer, confidence=1.0)
     with pytest.raises(ValueError, match="target"):
         scoring.bootstrap_ci(scores, np.ones_like(labels), metrics.eer)
+
+
+def test_bootstrap_metrics_equals_bootstrap_ci_of_each_metric():
+    """bootstrap_metrics resamples as bootstrap_ci does without expanding: same seed, same intervals, ties included."""
+    scores, labels = _synthetic_trials(120, 700, seed=5)
+    scores[:200] = np.round(scores[:200], 1)  # many ties, across classes
+    got = scoring.bootstrap_metrics(scores, labels, n_resamples=150, confidence=0.9, seed=7)
+    expected = {
+        "eer": scoring.bootstrap_ci(scores, labels, metrics.eer, 150, 0.9, seed=7),
+        "min_dcf_0.01": scoring.bootstrap_ci(scores, labels, lambda s, y: metrics.min_dcf(s, y, 0.01), 150, 0.9, 7),
+        "min_dcf_0.05": scoring.bootstrap_ci(scores, labels, lambda s, y: metrics.min_dcf(s, y, 0.05), 150, 0.9, 7),
+    }
+    assert set(got) == set(expected)
+    for name, interval in expected.items():
+        assert got[name] == interval, name
+    point = metrics.eer(scores, labels)
+    assert got["eer"][0] < point < got["eer"][1]

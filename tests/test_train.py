@@ -72,8 +72,10 @@ def test_evaluate_command_reproduces_the_training_evaluation(uninterrupted):
     _, workdir, results = uninterrupted
     assert set(results) == {"demo_trials"}
     again = evaluate(str(workdir))
-    assert again["demo_trials"]["eer"] == pytest.approx(results["demo_trials"]["eer"], abs=1e-9)
-    assert again["demo_trials"]["min_dcf"] == pytest.approx(results["demo_trials"]["min_dcf"], abs=1e-9)
+    assert again["demo_trials"]["cosine"]["eer"] == pytest.approx(results["demo_trials"]["cosine"]["eer"], abs=1e-9)
+    assert again["demo_trials"]["cosine"]["min_dcf_0.01"] == pytest.approx(
+        results["demo_trials"]["cosine"]["min_dcf_0.01"], abs=1e-9
+    )
     out = workdir / "eval" / "step_30"
     written = json.loads((out / "metrics.json").read_text())
     assert written["results"]["demo_trials"]["trials"] == results["demo_trials"]["trials"]

@@ -10,6 +10,13 @@ timed: examples/s = batches x batch / seconds.
 
 Compare with the samples/s of `ssps-jax bench` on the devices (`--against
 bench.json`): the input keeps up when it produces at least as many.
+
+Storage: on the first `STORAGE_RECORDS` records, the size of the audio as
+FLAC (`prepare --storage flac`) over its size as int16, and the cost per
+example of reading a record and of decoding its audio to int16 with each
+storage (`speaker_corpus.decode_audio`, what the pipeline's map calls; int16
+needs no decoding). FLAC is encoded here from the records themselves, so the
+figures do not need a second prepared dataset.
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ import time
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
-from data_pipelines import input_pipeline
+from data_pipelines import audio_io, input_pipeline, speaker_corpus
+
+STORAGE_RECORDS = 200
 
 
 def ensure_demo_corpus(config: ml_collections.ConfigDict) -> None:
@@ -60,6 +70,31 @@ def measure(source, examples, batch_size: int, workers: int, batches: int, prefe
     }
 
 
+def _ms_per_call(fn, items: list) -> float:
+    started = time.perf_counter()
+    for item in items:
+        fn(item)
+    return 1000 * (time.perf_counter() - started) / len(items)
+
+
+def storage_costs(source, records: int = STORAGE_RECORDS) -> dict:
+    """FLAC / int16 size ratio, and ms per example to read a record and to decode its audio, per storage."""
+    indices = range(min(records, len(source)))
+    read_ms = _ms_per_call(lambda i: source[i], list(indices))
+    pcm = [speaker_corpus.decode_audio(source[i]["audio"]) for i in indices]
+    flac = [np.frombuffer(audio_io.encode_flac(x), np.uint8) for x in pcm]
+    return {
+        "records": len(pcm),
+        "mean_seconds": float(np.mean([len(x) for x in pcm])) / audio_io.SAMPLE_RATE,
+        "flac_size_ratio": sum(f.nbytes for f in flac) / sum(x.nbytes for x in pcm),
+        "read_ms": read_ms,
+        "decode_ms": {
+            "int16": _ms_per_call(speaker_corpus.decode_audio, pcm),
+            "flac": _ms_per_call(speaker_corpus.decode_audio, flac),
+        },
+    }
+
+
 def run(
     config: ml_collections.ConfigDict,
     workers: list[int] = (0, 1, 2),
@@ -83,6 +118,7 @@ def run(
         "augment": config.data.augment.strategy if config.data.augment.enabled else "off",
         "device_samples_per_s": device_samples_per_s,
         "rows": rows,
+        "storage": storage_costs(source),
     }
 
 
@@ -105,6 +141,19 @@ def table(result: dict) -> str:
         if device:
             cells.append("yes" if r["examples_per_s"] >= device else f"no ({r['examples_per_s'] / device:.0%})")
         lines.append("| " + " | ".join(cells) + " |")
+    if "storage" not in result:
+        return "\n".join(lines)
+    st = result["storage"]
+    lines += [
+        "",
+        f"storage: first {st['records']} records (mean {st['mean_seconds']:.1f} s), "
+        f"reading a record {st['read_ms']:.3f} ms/example",
+        "",
+        "| storage | size vs int16 | decode (ms/example) |",
+        "| --- | --- | --- |",
+        f"| int16 | 1.00 | {st['decode_ms']['int16']:.3f} |",
+        f"| flac | {st['flac_size_ratio']:.2f} | {st['decode_ms']['flac']:.3f} |",
+    ]
     return "\n".join(lines)
 
 

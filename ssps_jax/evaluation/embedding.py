@@ -1,4 +1,4 @@
-"""Embedding whole utterances of any length with a bounded number of compilations.
+"""Embedding whole utterances of any length with a bounded number of compilations, streaming their audio.
 
 Utterances are sorted by length and padded up to the next *bucket* length
 (a geometric grid, `ratio` apart), so a test set compiles once per bucket
@@ -7,18 +7,27 @@ ssps_jax/ops.py), so every embedding equals that of the utterance alone.
 Batches have a fixed size (a multiple of the device count) and are split
 over the mesh like training batches; short last batches are filled with
 copies of their first utterance and the copies dropped.
+
+Streaming: the batches are planned from the utterances' lengths alone
+(`plan`), and `embed` reads each batch's audio through a callback, in a thread
+pool, one batch ahead of the devices, and drops it once embedded. Host memory
+is the (N, D) embeddings plus two batches of audio, whatever N. A length given
+to `plan` is an upper bound: a shorter utterance is padded further (and
+masked), a longer one is an error naming it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from data_pipelines.audio_io import AudioFileError
 from ssps_jax import sharding
 
 
@@ -54,29 +63,79 @@ class Embedder:
         # (variables, wave (B, L) split over `data`, lengths (B,)) -> (B, D) replicated; compiled once per bucket.
         self.program = jax.jit(embed_fn, out_shardings=sharding.replicated(mesh))
 
-    def __call__(self, variables, waves: list[np.ndarray]) -> np.ndarray:
-        """(N, D) float32 embeddings of `waves` (1-D int16 or float arrays), in input order."""
-        lengths = np.array([len(w) for w in waves])
+    def plan(self, lengths: Sequence[int]) -> list[tuple[int, np.ndarray]]:
+        """The batches: (padded length, indices into `lengths`, at most batch_size), shortest bucket first."""
+        lengths = np.asarray(lengths)
         buckets = np.array(bucket_lengths(int(lengths.max()), self.min_bucket, self.bucket_ratio))
         which = np.searchsorted(buckets, lengths)
         order = np.lexsort((lengths, which))
-        out = None
-        per_process = self.batch_size // jax.process_count()
-        mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+        batches = []
         for b in np.unique(which):
             members = order[which[order] == b]
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                padded = np.concatenate([chunk, np.full(self.batch_size - len(chunk), chunk[0])])
-                wave = np.zeros((self.batch_size, buckets[b]), np.float32)
-                for row, i in enumerate(padded):
-                    wave[row, : lengths[i]] = _as_float(waves[i])
-                batch = sharding.global_batch({"wave": wave[mine], "lengths": lengths[padded][mine]}, self.mesh)
-                emb = np.asarray(self.program(variables, batch["wave"], batch["lengths"]))
-                if out is None:
-                    out = np.zeros((len(waves), emb.shape[1]), np.float32)
-                out[chunk] = emb[: len(chunk)]
+            batches += [
+                (int(buckets[b]), members[s : s + self.batch_size]) for s in range(0, len(members), self.batch_size)
+            ]
+        return batches
+
+    def embed(
+        self,
+        variables,
+        lengths: Sequence[int],
+        read: Callable[[int], np.ndarray],
+        threads: int = 8,
+        names: Callable[[int], str] = str,
+    ) -> np.ndarray:
+        """(N, D) float32 embeddings of utterances 0..N-1, in order; `read(i)` gives utterance i's 1-D audio.
+
+        `lengths[i]` bounds utterance i's length (samples); `names(i)` names it in errors.
+        """
+        per_process = self.batch_size // jax.process_count()
+        mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+        out = None
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+
+            def start_reading(batch):  # this process's rows only: the padded ones repeat the first
+                length, chunk = batch
+                rows = np.concatenate([chunk, np.full(self.batch_size - len(chunk), chunk[0])])[mine]
+                return length, chunk, rows, {int(i): pool.submit(read, int(i)) for i in np.unique(rows)}
+
+            batches = self.plan(lengths)
+            pending = start_reading(batches[0]) if batches else None
+            in_flight = None  # (chunk, device result) of the previous batch: fetched after the next is dispatched
+            for n in range(len(batches)):
+                length, chunk, rows, reads = pending
+                pending = start_reading(batches[n + 1]) if n + 1 < len(batches) else None
+                wave = np.zeros((len(rows), length), np.float32)
+                row_lengths = np.empty(len(rows), np.int32)
+                for row, i in enumerate(rows):
+                    audio = reads[int(i)].result()
+                    if len(audio) > lengths[i]:
+                        raise AudioFileError(
+                            names(int(i)), f"{len(audio)} samples, more than its header's {lengths[i]}"
+                        )
+                    wave[row, : len(audio)] = _as_float(audio)
+                    row_lengths[row] = len(audio)
+                del reads
+                batch = sharding.global_batch({"wave": wave, "lengths": row_lengths}, self.mesh)
+                result = self.program(variables, batch["wave"], batch["lengths"])
+                if in_flight is not None:
+                    out = _store(out, *in_flight, len(lengths))
+                in_flight = (chunk, result)
+            if in_flight is not None:
+                out = _store(out, *in_flight, len(lengths))
         return out
+
+    def __call__(self, variables, waves: list[np.ndarray]) -> np.ndarray:
+        """(N, D) float32 embeddings of `waves` (1-D int16 or float arrays) held in memory, in input order."""
+        return self.embed(variables, [len(w) for w in waves], waves.__getitem__, threads=1)
+
+
+def _store(out: np.ndarray | None, chunk: np.ndarray, result, n: int) -> np.ndarray:
+    emb = np.asarray(result)
+    if out is None:
+        out = np.zeros((n, emb.shape[1]), np.float32)
+    out[chunk] = emb[: len(chunk)]
+    return out
 
 
 def _as_float(wave: np.ndarray) -> np.ndarray:

@@ -10,12 +10,20 @@ every distinct score (and past the largest) gives the operating points
   straight segments (the error rate of the randomised decision between two
   neighbouring thresholds). With all scores tied it is 50%, with perfectly
   separated scores 0%, with perfectly inverted ones 100%.
-Both are returned as fractions (x100 for %).
+Both are returned as fractions (x100 for %). minDCF is reported at two
+operating priors, P_target = 0.01 (sslsv's and VoxSRC's until 2020) and 0.05
+(VoxSRC since 2021), both with C_miss = C_fa = 1.
+
+The `*_from_rates` functions take the operating points instead of the scores,
+along the last axis of any batch of them: the bootstrap (scoring.py) builds
+the points of a thousand resamples at once and reads every metric off them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+P_TARGETS = (0.01, 0.05)  # minDCF priors reported (metric names "min_dcf_0.01", "min_dcf_0.05")
 
 
 def operating_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -36,18 +44,40 @@ def operating_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return fpr, fnr
 
 
-def eer(scores, labels) -> float:
-    fpr, fnr = operating_points(scores, labels)
+def eer_from_rates(fpr: np.ndarray, fnr: np.ndarray) -> np.ndarray:
+    """EER of operating points (..., P) as `operating_points` orders them (FNR - FPR non-decreasing)."""
+    fpr, fnr = np.asarray(fpr, np.float64), np.asarray(fnr, np.float64)
     diff = fnr - fpr  # goes from -1 to +1, non-decreasing
-    k = int(np.argmax(diff >= 0))  # first point at or past the crossing
-    if diff[k] == 0 or k == 0:
-        return float(fpr[k])
-    # Crossing on the segment between points k-1 and k.
-    t = -diff[k - 1] / (diff[k] - diff[k - 1])
-    return float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+    k = np.argmax(diff >= 0, axis=-1)[..., None]  # first point at or past the crossing
+    before = np.maximum(k - 1, 0)
+    d_k, d_before = np.take_along_axis(diff, k, -1), np.take_along_axis(diff, before, -1)
+    f_k, f_before = np.take_along_axis(fpr, k, -1), np.take_along_axis(fpr, before, -1)
+    on_point = (d_k == 0) | (k == 0)
+    # Otherwise the crossing lies on the segment between points k-1 and k.
+    t = np.where(on_point, 0.0, -d_before / np.where(on_point, 1.0, d_k - d_before))
+    return np.where(on_point, f_k, f_before + t * (f_k - f_before))[..., 0]
+
+
+def min_dcf_from_rates(
+    fpr: np.ndarray, fnr: np.ndarray, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0
+) -> np.ndarray:
+    cost = c_miss * p_target * np.asarray(fnr) + c_fa * (1 - p_target) * np.asarray(fpr)
+    return cost.min(axis=-1) / min(c_miss * p_target, c_fa * (1 - p_target))
+
+
+def metric_names(p_targets=P_TARGETS) -> list[str]:
+    return ["eer", *(f"min_dcf_{p:g}" for p in p_targets)]
+
+
+def from_rates(fpr: np.ndarray, fnr: np.ndarray, p_targets=P_TARGETS) -> dict[str, np.ndarray]:
+    """{"eer", "min_dcf_<p>" for each p}: every reported metric of the operating points (..., P)."""
+    values = [eer_from_rates(fpr, fnr), *(min_dcf_from_rates(fpr, fnr, p) for p in p_targets)]
+    return dict(zip(metric_names(p_targets), values))
+
+
+def eer(scores, labels) -> float:
+    return float(eer_from_rates(*operating_points(scores, labels)))
 
 
 def min_dcf(scores, labels, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> float:
-    fpr, fnr = operating_points(scores, labels)
-    cost = c_miss * p_target * fnr + c_fa * (1 - p_target) * fpr
-    return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
+    return float(min_dcf_from_rates(*operating_points(scores, labels), p_target, c_miss, c_fa))

@@ -21,7 +21,9 @@ statistics once, chunked so that the (utterances, cohort) score matrix never
 has to be held whole.
 
 Confidence intervals: `bootstrap_ci` resamples trials (see its docstring for
-what that does and does not cover).
+what that does and does not cover) for any metric function; `bootstrap_metrics`
+draws the same resamples and reads EER and every minDCF off each at once,
+without materialising it (what evaluation runs: bounded cost on 580k trials).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ssps_jax.evaluation import metrics
 from ssps_jax.evaluation.embedding import l2_normalise
 
 # AS-Norm's top-k: sslsv's CosineSVEvaluationTaskConfig.score_norm_cohort_size = 300
@@ -47,11 +50,19 @@ STD_DDOF = 1
 CHUNK_ELEMENTS = 2**24
 
 
-def cosine_scores(emb: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """(T,) cosine of each trial: `emb` (U, D) the unique embeddings, `pairs` (T, 2) rows of (enrol, test) in it."""
+def cosine_scores(emb: np.ndarray, pairs: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """(T,) cosine of each trial: `emb` (U, D) the unique embeddings, `pairs` (T, 2) rows of (enrol, test) in it.
+
+    Chunked over trials: the gathered (T, D) pairs of VoxCeleb1-E would take 2 x 2.4 GB at D = 512.
+    """
     emb = l2_normalise(emb)
     pairs = np.asarray(pairs)
-    return np.einsum("td,td->t", emb[pairs[:, 0]], emb[pairs[:, 1]])
+    rows = max(1, chunk_elements // emb.shape[1])
+    out = np.empty(len(pairs))
+    for start in range(0, len(pairs), rows):
+        e, t = pairs[start : start + rows, 0], pairs[start : start + rows, 1]
+        out[start : start + rows] = np.einsum("td,td->t", emb[e], emb[t])
+    return out
 
 
 def cohort_stats(
@@ -135,7 +146,57 @@ def bootstrap_ci(
     count per trial and expanded in sorted order, so metric_fn sorts an already
     sorted array (linear for NumPy's stable sort) and each resample costs O(T): 1000 resamples of
     metrics.eer over 579,818 trials (VoxCeleb1-E) took 24 s on 2 CPU cores, against ~70 s with a sort each.
+    `bootstrap_metrics` draws the same resamples without expanding them, for EER and minDCF.
     """
+    scores, labels, classes = _sorted_by_score(scores, labels, confidence)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples)
+    for r in range(n_resamples):
+        picked = np.repeat(np.arange(len(scores)), _resample_counts(rng, classes, len(scores)))
+        stats[r] = metric_fn(scores[picked], labels[picked])  # picked is sorted: the resample stays sorted by score
+    return _interval(stats, confidence)
+
+
+def bootstrap_metrics(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    p_targets=metrics.P_TARGETS,
+) -> dict[str, tuple[float, float]]:
+    """{"eer", "min_dcf_<p>"...: (low, high)}: `bootstrap_ci` of every reported metric, from the same resamples.
+
+    The resamples are those `bootstrap_ci` draws with the same seed (so the intervals are equal to its
+    intervals of metrics.eer and metrics.min_dcf), but a resample is never expanded: with the trials
+    sorted by score, its operating points are cumulative sums of its per-trial counts, and all metrics
+    are read off them (metrics.from_rates). A distinct score the resample did not draw only repeats the
+    previous operating point, which changes no metric. Cost: 1000 resamples of 579,818 trials
+    (VoxCeleb1-E), all three metrics, took 10 s of CPU on the 2-core development machine.
+    """
+    scores, labels, classes = _sorted_by_score(scores, labels, confidence)
+    is_target = labels.astype(bool)
+    n_target, n_nontarget = len(classes[0]), len(classes[1])
+    # Operating points sit at the last trial of each run of equal scores (every trial when none tie).
+    ties = scores[1:] == scores[:-1]
+    run_ends = np.flatnonzero(~np.r_[ties, False]) if ties.any() else slice(None)
+    rng = np.random.default_rng(seed)
+    names = metrics.metric_names(p_targets)
+    stats = np.empty((n_resamples, len(names)))
+    for r in range(n_resamples):
+        counts = _resample_counts(rng, classes, len(scores))
+        # Rejected trials (with repeats) at each point; one resample at a time: NumPy's cumsum is slow along axis 1.
+        rejected_targets = np.cumsum(counts * is_target)[run_ends]
+        rejected_nontargets = np.cumsum(counts)[run_ends] - rejected_targets
+        # The operating points as metrics.operating_points gives them for the expanded resample.
+        fnr = np.r_[0.0, rejected_targets / n_target]
+        fpr = np.r_[1.0, 1.0 - rejected_nontargets / n_nontarget]
+        stats[r] = list(metrics.from_rates(fpr, fnr, p_targets).values())
+    return {name: _interval(stats[:, i], confidence) for i, name in enumerate(names)}
+
+
+def _sorted_by_score(scores, labels, confidence):
+    """(scores, labels) sorted by score, and the sorted positions of the target and non-target trials."""
     scores = np.asarray(scores, np.float64)
     labels = np.asarray(labels)
     if not 0 < confidence < 1:
@@ -143,18 +204,20 @@ def bootstrap_ci(
     order = np.argsort(scores, kind="stable")
     scores, labels = scores[order], labels[order]
     is_target = labels.astype(bool)
-    # Positions, in sorted order, of each class: a resample draws its class's count from among them.
     classes = [np.flatnonzero(is_target), np.flatnonzero(~is_target)]
     if any(len(c) == 0 for c in classes):
         raise ValueError("need target and non-target trials")
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_resamples)
-    for r in range(n_resamples):
-        counts = np.zeros(len(scores), np.int64)
-        for positions in classes:
-            counts[positions] += np.bincount(rng.integers(0, len(positions), len(positions)), minlength=len(positions))
-        picked = np.repeat(np.arange(len(scores)), counts)  # sorted, so the resample stays sorted by score
-        stats[r] = metric_fn(scores[picked], labels[picked])
+    return scores, labels, classes
+
+
+def _resample_counts(rng: np.random.Generator, classes: list[np.ndarray], n: int) -> np.ndarray:
+    """(n,) how many times one stratified resample draws each trial: each class as many times as it has trials."""
+    drawn = [positions[rng.integers(0, len(positions), len(positions))] for positions in classes]
+    return np.bincount(np.concatenate(drawn), minlength=n)
+
+
+def _interval(stats: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval: the (1 - confidence) / 2 and (1 + confidence) / 2 quantiles."""
     alpha = 1 - confidence
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
