@@ -19,49 +19,182 @@ The state's top-level fields restore independently: a checkpoint with SSPS
 queues can continue as a run without SSPS (the fair baseline), and a plain
 checkpoint as an SSPS run (its queues start empty); what is dropped or kept
 fresh is reported.
+
+Faults (`restore_newest`): a checkpoint folder that is not complete or whose
+stored values cannot all be read back (a crash of the storage layer, a bad
+copy) is skipped with a one-line warning, and the next older one is used;
+training moves skipped folders to <workdir>/checkpoints_skipped/ (never
+deletes them), so that the steps it saves again do not collide with them and
+nothing is lost. A full disk while saving stops the run with one line
+(ssps_jax/storage.py); the checkpoint being written never becomes visible.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
+from data_pipelines.errors import InputError
+from ssps_jax import storage
 from ssps_jax.ssps.state import RESTORE_GROUPS, SSPSState
 from ssps_jax.train_state import TrainState, as_dict, from_dict
 
 logger = logging.getLogger(__name__)
 
+SKIPPED_DIR = "checkpoints_skipped"  # beside checkpoints/: where damaged checkpoints are moved
+COMMIT_FILE = "commit_success.txt"  # orbax writes it into a step folder once every item is written
+ITEMS = ("state", "data", "meta")
+
+
+class NoReadableCheckpointError(InputError):
+    """Checkpoints exist, and none of them can be read back."""
+
+
+def _quiet_failed_io_echoes() -> None:
+    """Keeps the echoes of one failed checkpoint read or write off the terminal; the failure itself is reported.
+
+    When one of orbax's reads or writes fails (a damaged file, a full disk), orbax's event loop ends
+    while TensorStore still completes the other operations; each then schedules its result on that
+    closed loop, which raises `RuntimeError: Event loop is closed` in a TensorStore thread, printed
+    as a traceback (hundreds of them, saying nothing about the failure). Scheduling on a closed loop
+    is dropped instead: nothing can run there any more. Orbax also logs the failure again from each
+    of its signalling threads; those records are filtered from the absl logger.
+    """
+    loop_class = asyncio.BaseEventLoop
+    if getattr(loop_class.call_soon_threadsafe, "_drops_when_closed", False):
+        return
+    schedule = loop_class.call_soon_threadsafe
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        if self.is_closed():
+            return None
+        return schedule(self, *args, **kwargs)
+
+    call_soon_threadsafe._drops_when_closed = True
+    loop_class.call_soon_threadsafe = call_soon_threadsafe
+    logging.getLogger("absl").addFilter(_not_an_io_echo)
+
+
+def _not_an_io_echo(record: logging.LogRecord) -> bool:
+    """False for orbax's own logs of a failure that the run reports in one line (a full disk), or repeats."""
+    if "_SignalingThread.run() raised an exception" in record.getMessage():
+        return False
+    return not (record.exc_info and storage.full_cause(record.exc_info[1]))
+
 
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        _quiet_failed_io_echoes()
+        self.directory = Path(directory).resolve()
+        self._saving: int | None = None  # the step of an async save that may still be in flight
         self.manager = ocp.CheckpointManager(
-            Path(directory).resolve(),
+            self.directory,
             item_handlers={
                 "state": ocp.PyTreeCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+                cleanup_tmp_directories=True,  # a save cut short by a kill or a full disk: never a checkpoint
+            ),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, iterator: grain.DatasetIterator, meta: dict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(_host_copies(as_dict(state))),
-                data=grain.checkpoint.CheckpointSave(iterator),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        # An async save that failed raises here, at the next save: name the step it was writing.
+        with storage.writing(self.directory / str(self._saving or step), f"checkpoint {self._saving or step}"):
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(_host_copies(as_dict(state))),
+                    data=grain.checkpoint.CheckpointSave(iterator),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,
+            )
+        self._saving = step
+
+    def damage(self, step: int) -> str | None:
+        """Why checkpoint `step` cannot be restored completely, in a few words; None if it can.
+
+        Checks that orbax finalised it, that its JSON items parse, and that every value of the
+        state's OCDBT store reads back (one by one through TensorStore, so nothing half-restored is left).
+        """
+        path = self.directory / str(step)
+        if not (path / COMMIT_FILE).is_file():
+            return f"incomplete (no {COMMIT_FILE})"
+        for item in ITEMS:
+            if not (path / item).is_dir():
+                return f"incomplete (no {item}/)"
+        for file in [path / "meta" / "metadata", *sorted((path / "data").glob("*.json"))]:
+            try:
+                json.loads(file.read_text())
+            except (OSError, ValueError) as e:
+                return f"{file.relative_to(path)} unreadable ({_first_line(e)})"
+        try:
+            store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path / 'state'}/"}).result()
+            keys = store.list().result()
+            if not keys:
+                return "state/ holds no values"
+        except Exception as e:  # TensorStore reports a damaged store as ValueError or OSError, with its own text
+            return f"state/ unreadable ({_first_line(e)})"
+        for key in keys:
+            try:
+                store.read(key).result()
+            except Exception as e:
+                return f"state/ value {key.decode(errors='replace')} unreadable ({_first_line(e)})"
+        return None
+
+    def restore_newest(self, like: TrainState, iterator: grain.DatasetIterator | None = None, move_aside: bool = True):
+        """(step, state, meta) of the newest checkpoint that restores completely; None if there are none.
+
+        Damaged ones are skipped with one warning line each and, with `move_aside` (training), moved
+        to <workdir>/checkpoints_skipped/. Raises NoReadableCheckpointError when none is readable.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            if (why := self.damage(step)) is None:
+                return (step, *self.restore(step, like, iterator))
+            where = self._move_aside(step) if move_aside else None
+            moved = f"; moved to {where}" if where else ""
+            logger.warning("checkpoint %d skipped: %s%s", step, why, moved)
+        if steps:
+            raise NoReadableCheckpointError(
+                f"none of the {len(steps)} checkpoint(s) in {self.directory} can be read back "
+                f"(steps {', '.join(map(str, steps))}; see the warnings above)"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        """Moves checkpoint `step` to checkpoints_skipped/<step>[.N] (process 0; the others wait for it)."""
+        aside = self.directory.parent / SKIPPED_DIR / str(step)
+        n = 0
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{step}.{n}")
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+        return aside
 
     def restore(self, step: int, like: TrainState, iterator: grain.DatasetIterator | None = None):
         """(state, meta) of checkpoint `step`, laid out like the state `like`.
@@ -104,10 +237,17 @@ class Checkpointer:
         return from_dict(like, fields), restored["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with storage.writing(self.directory / str(self._saving or ""), f"checkpoint {self._saving or ''}"):
+            self.manager.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _restorable_ssps(saved: dict, fresh: SSPSState, step: int) -> dict:

@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 from tensorboardX import SummaryWriter
 
+from ssps_jax import storage
+
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
@@ -38,15 +40,17 @@ class MetricWriter:
     def write(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         if not self.active:
             return
-        for key, value in scalars.items():
-            self._tb.add_scalar(f"{kind}/{key}", value, step)
-        self._jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
-        self._jsonl.flush()
+        with storage.writing(self._jsonl.name, "metrics"):
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
+            self._jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self.active:
-            self._tb.close()
-            self._jsonl.close()
+            with storage.writing(self._jsonl.name, "metrics"):
+                self._tb.close()
+                self._jsonl.close()
 
 
 class Progress:

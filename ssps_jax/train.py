@@ -27,10 +27,10 @@ import ml_collections
 from jax.experimental import multihost_utils
 
 from data_pipelines import input_pipeline
-from ssps_jax import checkpoint, sharding
+from ssps_jax import checkpoint, methods, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.build import build
-from ssps_jax.evaluation.verification import make_verifier
+from ssps_jax.evaluation import verification
 from ssps_jax.observe import MetricWriter, Progress, say
 from ssps_jax.train_state import TrainState
 
@@ -79,12 +79,14 @@ def train(
 
     source = _load_source(config)
     batch_size = config.train.global_batch_size
-    # The index file's labels feed only the SSPS diagnostics: not read (nor warned about) without SSPS.
-    labels = input_pipeline.train_labels(config.data, len(source)) if config.ssps.enabled else None
+    # The index file's labels feed the SSPS diagnostics and the methods trained on them (supervised):
+    # not read (nor warned about) otherwise.
+    wants_labels = config.ssps.enabled or methods.get(config.method).needs_labels
+    labels = input_pipeline.train_labels(config.data, len(source)) if wants_labels else None
     run, state = build(config, mesh, len(source), labels=labels)
     per_epoch = run.steps_per_epoch
     stop = (config.train.stop_at_epoch or config.train.epochs) * per_epoch  # where this run stops
-    verifier = make_verifier(config, run.model, mesh)  # reads the test audio: fails before workers start
+    verifier = verification.make_verifier(config, run.model, mesh)  # checks the test files: fails before workers start
 
     dataset = input_pipeline.train_dataset(
         source,
@@ -98,8 +100,8 @@ def train(
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", config.train.keep_checkpoints, config.train.async_checkpoints
     )
-    if (latest := ckpt.latest_step()) is not None:
-        state, _ = ckpt.restore(latest, state, iterator)
+    if (restored := ckpt.restore_newest(state, iterator)) is not None:
+        latest, state, _ = restored
         say(f"resumed from the checkpoint of step {latest} in {workdir}")
     start = int(state.step)
     say(
@@ -119,12 +121,10 @@ def train(
             verifier.write(
                 workdir / "eval" / f"step_{step}", results, scores, {"step": step, "epoch": step / per_epoch}
             )
-        for name, r in results.items():
-            writer.write(step, {f"{name}/eer": r["eer"], f"{name}/min_dcf": r["min_dcf"]}, kind="eval")
-            say(
-                f"eval step {step}: {name}  EER {100 * r['eer']:.2f}%  minDCF {r['min_dcf']:.4f}  "
-                f"({r['trials']} trials, {seconds:.0f} s)"
-            )
+        writer.write(step, verification.scalars(results), kind="eval")  # <list>/<cosine|s-norm|as-norm>/<metric>
+        say(f"eval step {step} ({seconds:.0f} s):")
+        for line in verification.summary_lines(results):
+            say(f"  {line}")
         last_results = results
 
     progress = Progress(stop, per_epoch, batch_size, start, config.train.log_every_steps)
@@ -151,9 +151,15 @@ def train(
                 say(progress.line(done, metrics))
         pending.clear()
 
+    def evaluation_due(done: int) -> bool:
+        every = config.eval.every_epochs
+        return bool(verifier and done % per_epoch == 0 and every and ((done // per_epoch) % every == 0 or done == stop))
+
     try:
         if verifier and config.eval.at_start and start == 0:
             evaluate(0)
+        if start > 0 and evaluation_due(start) and not (workdir / "eval" / f"step_{start}" / "metrics.json").is_file():
+            evaluate(start)  # the run was stopped between this checkpoint and its evaluation
         for step in range(start, stop):
             epoch = step // per_epoch
             if step == start or step % per_epoch == 0:
@@ -172,8 +178,8 @@ def train(
             if epoch_end or done % config.train.checkpoint_every_steps == 0:
                 drain()  # never checkpoint a state whose loss has not been checked
                 ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
-            every = config.eval.every_epochs
-            if verifier and epoch_end and every and ((done // per_epoch) % every == 0 or done == stop):
+            if evaluation_due(done):
+                ckpt.wait()  # the epoch's checkpoint committed first: a kill during a long evaluation retrains nothing
                 evaluate(done)
         drain()
         if start >= stop:

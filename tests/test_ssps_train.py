@@ -154,3 +154,19 @@ def test_continuing_with_other_ssps_sizes_clusters_again(demo_dir, tmp_path, uni
     np.testing.assert_array_equal(first.ref_index[1:], states[4 * STEPS_PER_EPOCH].ssps.ref_index[1:])  # kept
     assert first.centroids.shape == (12, 16) and int(first.clustered_epoch) == 4  # clustered anew
     assert _records(workdir, "ssps")[-1]["step"] == 4 * STEPS_PER_EPOCH
+
+
+def test_kill_during_the_epoch_start_kmeans_resumes_exactly(demo_dir, tmp_path, uninterrupted):
+    from test_checkpoint_faults import _driver, _kill_when_marked
+
+    _, reference_dir, _, _ = uninterrupted
+    reference = {r["step"]: r["loss"] for r in _records(reference_dir, "train")}
+    config = ssps_config(demo_dir)
+    workdir = tmp_path / "w"
+    _kill_when_marked(_driver(config, workdir, "kill-in-kmeans", str(START)), workdir)
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())[-1] == START * STEPS_PER_EPOCH
+
+    train_lib.train(config, workdir)
+    resumed = {r["step"]: r["loss"] for r in _records(workdir, "train")}  # the last record of a step logged twice
+    assert sorted(resumed) == sorted(reference)
+    np.testing.assert_allclose([resumed[s] for s in reference], list(reference.values()), rtol=1e-6)

@@ -1,0 +1,249 @@
+"""Checkpoint faults lose nothing: damaged newest checkpoints, a full disk, kills aimed at the worst moments.
+
+Every case is compared with one uninterrupted run of the same config: the
+losses of the faulty run, once resumed, must be those of the uninterrupted
+one. The kills are aimed, not random: a driver process patches the moment in
+question (orbax renaming a finished checkpoint into place, the evaluation) to
+announce itself in a marker file and wait, and the test SIGKILLs it there.
+The k-means kill is in tests/test_ssps_train.py, beside its SSPS reference run, with this driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from ssps_jax import checkpoint, cli
+from ssps_jax import train as train_lib
+
+STEPS = 15  # one epoch of the small corpus at batch 16
+
+
+class Interrupted(Exception):
+    pass
+
+
+def fault_config(demo_dir):
+    config = tiny_config(demo_dir)
+    config.train.epochs = 1
+    config.train.checkpoint_every_steps = 3
+    config.train.async_checkpoints = True
+    return config
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    """Train losses by step; a step logged twice (before a kill and after the resume) keeps its last value."""
+    records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def _assert_same_losses(workdir: Path, reference: dict[int, float]) -> None:
+    resumed = _losses(workdir)
+    assert sorted(resumed) == sorted(reference)
+    np.testing.assert_allclose([resumed[s] for s in reference], list(reference.values()), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir, tmp_path_factory):
+    """Losses of the uninterrupted run, with an evaluation at its end."""
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train_lib.train(config, workdir)
+    return _losses(workdir)
+
+
+def _stop_at(step):
+    def hook(done, state):
+        if done == step:
+            raise Interrupted
+
+    return hook
+
+
+def _truncate_a_state_file(step_dir: Path) -> None:
+    largest = max((step_dir / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+    os.truncate(largest, 100)
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (_truncate_a_state_file, r"state/ value .* unreadable \(OUT_OF_RANGE"),
+        (lambda d: (d / checkpoint.COMMIT_FILE).unlink(), r"incomplete \(no commit_success.txt\)"),
+    ],
+    ids=["truncated-data-file", "no-commit-file"],
+)
+def test_a_damaged_newest_checkpoint_is_skipped_kept_and_training_resumes_exactly(
+    demo_dir, tmp_path, reference, caplog, damage, why
+):
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    workdir = tmp_path / "w"
+    with pytest.raises(Interrupted):
+        train_lib.train(config, workdir, on_step=_stop_at(11))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3, 6, 9]
+    damage(workdir / "checkpoints" / "9")
+
+    train_lib.train(config, workdir)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1, skipped
+    assert skipped[0].startswith("checkpoint 9 skipped: ")
+    assert re.search(why, skipped[0])
+    assert skipped[0].endswith(f"moved to {workdir / checkpoint.SKIPPED_DIR / '9'}")
+    assert (workdir / checkpoint.SKIPPED_DIR / "9" / "state").is_dir()  # kept, not deleted
+    _assert_same_losses(workdir, reference)
+
+
+def test_no_readable_checkpoint_is_one_line_naming_the_workdir(demo_dir, tmp_path, monkeypatch, capsys):
+    config = fault_config(demo_dir)
+    workdir = tmp_path / "w"
+    with pytest.raises(Interrupted):
+        train_lib.train(config, workdir, on_step=_stop_at(4))
+    (workdir / "checkpoints" / "3" / checkpoint.COMMIT_FILE).unlink()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--workdir", str(workdir)])
+    message = str(e.value.code)
+    assert message == (
+        f"error: none of the 1 checkpoint(s) in {workdir.resolve() / 'checkpoints'} can be read back "
+        "(steps 3; see the warnings above)"
+    )
+    # evaluate only reads: the damaged checkpoint stays where it is.
+    assert (workdir / "checkpoints" / "3").is_dir() and not (workdir / checkpoint.SKIPPED_DIR).exists()
+
+
+# A training process whose config is argv[1] (JSON) and workdir argv[2]; argv[3] says where it stops.
+DRIVER = textwrap.dedent(
+    """
+    import json, os, pathlib, resource, signal, sys, time
+    import ml_collections
+
+    config_json, workdir, mode, arg = sys.argv[1:5]
+    marker = pathlib.Path(workdir + ".marker")
+
+    def wait_here():
+        marker.write_text(mode)
+        while True:
+            time.sleep(1)
+
+    if mode == "kill-in-checkpoint-rename":
+        # orbax renames a checkpoint's temporary folder into place once all of it is written.
+        rename = os.rename
+
+        def rename_then_wait(src, dst, *a, **k):
+            if ".orbax-checkpoint-tmp" in str(src) and os.path.basename(str(dst)) == arg:
+                wait_here()
+            return rename(src, dst, *a, **k)
+
+        os.rename = rename_then_wait
+    if mode == "kill-in-kmeans":
+        from ssps_jax.ssps import lifecycle
+
+        before_epoch = lifecycle.SSPS.before_epoch
+
+        def wait_in_clustering(self, queues, epoch, rng):
+            clustered = before_epoch(self, queues, epoch, rng)  # dispatched: JAX runs it while we wait
+            if epoch == int(arg):
+                wait_here()
+            return clustered
+
+        lifecycle.SSPS.before_epoch = wait_in_clustering
+    if mode == "kill-in-evaluation":
+        from ssps_jax.evaluation import verification
+
+        verification.Verifier.evaluate = lambda self, *a, **k: wait_here()
+
+    from ssps_jax import cli, train
+
+    def on_step(done, state):
+        if mode == "disk-full" and done == int(arg):
+            time.sleep(2)  # let the async save of the previous checkpoint finish
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    run = train.train
+    train.train = lambda config, workdir: run(config, workdir, on_step=on_step)
+    pathlib.Path(workdir + ".py").write_text(
+        "import json, ml_collections\\n"
+        f"def get_config():\\n    return ml_collections.ConfigDict(json.loads({open(config_json).read()!r}))\\n"
+    )
+    cli.main(["train", "--config", workdir + ".py", "--workdir", workdir])
+    """
+)
+
+
+def _driver(config, workdir: Path, mode: str, arg: str = "") -> subprocess.Popen:
+    config_json = workdir.parent / f"{workdir.name}.json"
+    config_json.write_text(config.to_json())
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    argv = [sys.executable, "-c", DRIVER, str(config_json), str(workdir), mode, arg]
+    # Output through a pipe: a file-size limit (the disk-full case) does not apply to pipes.
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when_marked(process: subprocess.Popen, workdir: Path, timeout: float = 300) -> None:
+    marker = Path(f"{workdir}.marker")
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the driver ended before the aimed moment:\n{process.stdout.read()}")
+        assert time.monotonic() < deadline, "the aimed moment never came"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_kill_while_a_checkpoint_is_renamed_into_place_resumes_exactly(demo_dir, tmp_path, reference):
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    workdir = tmp_path / "w"
+    _kill_when_marked(_driver(config, workdir, "kill-in-checkpoint-rename", "9"), workdir)
+    assert not (workdir / "checkpoints" / "9").exists()  # written, never committed
+
+    train_lib.train(config, workdir)
+    _assert_same_losses(workdir, reference)
+    assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))  # the partial save is cleaned up
+
+
+def test_kill_during_evaluation_resumes_and_evaluates_again(demo_dir, tmp_path, reference):
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    workdir = tmp_path / "w"
+    _kill_when_marked(_driver(config, workdir, "kill-in-evaluation"), workdir)
+    assert (workdir / "checkpoints" / str(STEPS)).is_dir()  # the epoch's checkpoint came before its evaluation
+    assert not (workdir / "eval" / f"step_{STEPS}").exists()
+
+    train_lib.train(config, workdir)
+    _assert_same_losses(workdir, reference)
+    assert (workdir / "eval" / f"step_{STEPS}" / "metrics.json").is_file()  # the evaluation the kill cut short
+
+
+def test_a_full_disk_stops_with_one_line_and_a_rerun_resumes_exactly(demo_dir, tmp_path, reference):
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    workdir = tmp_path / "w"
+    process = _driver(config, workdir, "disk-full", "7")  # checkpoints 3 and 6 written; 9 hits the limit
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 1, output
+    lines = [line for line in output.splitlines() if not line.startswith("step ")]
+    assert lines[-1] == (
+        f"error: writing checkpoint 9 to {workdir.resolve()}/checkpoints/9: File too large. Nothing written "
+        "before is lost: free space and run the same command again to resume from the newest checkpoint"
+    )
+    assert "Traceback" not in output and "Event loop is closed" not in output, output
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+    train_lib.train(config, workdir)
+    _assert_same_losses(workdir, reference)
