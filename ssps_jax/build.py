@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from data_pipelines import input_pipeline
+from data_pipelines.errors import ConfigError
 from ssps_jax import methods, sharding
 from ssps_jax.methods.base import Method
 from ssps_jax.ssps.lifecycle import SSPS
@@ -74,13 +75,20 @@ def build(
     total = config.train.epochs * per_epoch
     model = method.build_model(config, bn_axis_name=sharding.DATA)
     tx, schedule = method.build_optimizer(config, per_epoch, total)
+    speaker = _train_speakers(config, method, labels, dataset_size, abstract)
+    from_labels = {} if speaker is None else method.label_state(config, speaker)
+
+    def init_method_state(variables):
+        state = method.init_state(config, variables)
+        return {**(state or {}), **from_labels} if from_labels else state
+
     state = init_train_state(
         model,
         tx,
         config.seed,
         method.example_input(config),
         mesh,
-        init_method_state=lambda variables: method.init_state(config, variables),
+        init_method_state=init_method_state,
         method_specs=method.state_specs,
         abstract=abstract,
     )
@@ -114,6 +122,21 @@ def build(
         ssps_step=ssps_step,
     )
     return run, state
+
+
+def _train_speakers(config, method: Method, labels, dataset_size: int, abstract: bool) -> np.ndarray | None:
+    """The speaker id of every train index for a method trained on labels (None for the others)."""
+    if not method.needs_labels:
+        return None
+    if abstract and labels is None:
+        return np.zeros(dataset_size, np.int32)  # only its shape is used
+    unlabelled = dataset_size if labels is None else int(np.sum(labels[0] < 0))
+    if unlabelled:
+        raise ConfigError(
+            f"config.method: {config.method} trains on speaker labels, but {unlabelled} of the {dataset_size} "
+            f"utterances of {config.data.train_csv} have none (its index file lists no Speaker for them)"
+        )
+    return labels[0]
 
 
 def build_for_inference(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Method, nn.Module, TrainState]:

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from ssps_jax.optim import make_optimizer
@@ -37,6 +38,9 @@ class Method(abc.ABC):
     name: str  # config.method, and the name of its config section
     summary: str  # its config section in one line (`ssps-jax train --help`)
     crop_mode: str  # which views data_pipelines.crops makes for it: "siamese" (2 crops) or "dino" (multi-crop)
+    # Trained on speaker labels (the supervised baseline): `build` refuses a train split without them and
+    # adds `label_state(config, speaker id of every dataset index)` to the method's state.
+    needs_labels: bool = False
 
     @abc.abstractmethod
     def default_config(self) -> dict:
@@ -76,6 +80,13 @@ class Method(abc.ABC):
         """
         del config, variables
         return None
+
+    def label_state(self, config: ml_collections.ConfigDict, speaker: np.ndarray) -> dict:
+        """State entries made from the speaker id (0, 1, ...) of every train index (methods with `needs_labels`).
+
+        Raises ConfigError when the labels do not fit the config (more speakers than classes).
+        """
+        raise NotImplementedError(f"{self.name} does not train on labels")
 
     def state_specs(self, state: dict) -> dict:
         """Partition specs of `init_state`'s entries: replicated unless a method says otherwise."""
