@@ -7,7 +7,7 @@ queue of 1 024 keys per view (a little under one epoch of the 1 080-utterance
 corpus). `--config.ssps.enabled=False` trains plain MoCo.
 """
 
-from ssps_jax.config import base_config, use_demo, use_method
+from ssps_jax.config import base_config, use_demo, use_demo_ssps, use_method
 
 
 def get_config():
@@ -15,15 +15,4 @@ def get_config():
     config.moco.projector = False
     config.moco.temperature = 0.03
     config.moco.queue_size = 1024
-    config.train.epochs = 18
-    config.train.log_every_steps = 8
-    config.train.checkpoint_every_steps = 1000
-    config.optim.schedule = "step"
-    config.eval.every_epochs = 2
-    config.ssps.enabled = True
-    config.ssps.start_epoch = 12
-    config.ssps.sampling = "kmeans-repr"
-    config.ssps.kmeans_clusters = 180
-    config.ssps.inter_sampling_size = 1
-    config.ssps.pos_queue_size = 1024
-    return config
+    return use_demo_ssps(config)

@@ -7,7 +7,7 @@ learning-rate schedule, SSPS-Clustering from epoch 12 to 18) with SwAV: a
 and temperature. `--config.ssps.enabled=False` trains plain SwAV.
 """
 
-from ssps_jax.config import base_config, use_demo, use_method
+from ssps_jax.config import base_config, use_demo, use_demo_ssps, use_method
 
 
 def get_config():
@@ -17,15 +17,4 @@ def get_config():
     config.swav.prototypes = 300
     config.swav.queue_size = 512
     config.swav.queue_start_epoch = 4
-    config.train.epochs = 18
-    config.train.log_every_steps = 8
-    config.train.checkpoint_every_steps = 1000
-    config.optim.schedule = "step"
-    config.eval.every_epochs = 2
-    config.ssps.enabled = True
-    config.ssps.start_epoch = 12
-    config.ssps.sampling = "kmeans-repr"
-    config.ssps.kmeans_clusters = 180
-    config.ssps.inter_sampling_size = 1
-    config.ssps.pos_queue_size = 1024
-    return config
+    return use_demo_ssps(config)

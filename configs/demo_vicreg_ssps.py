@@ -6,22 +6,11 @@ and a 512-128 projector in place of SimCLR. `ssps-jax train` with it runs the
 whole schedule; `--config.ssps.enabled=False` trains plain VICReg.
 """
 
-from ssps_jax.config import base_config, use_demo, use_method
+from ssps_jax.config import base_config, use_demo, use_demo_ssps, use_method
 
 
 def get_config():
     config = use_method(use_demo(base_config()), "vicreg")
     config.vicreg.projector_hidden_dim = 512
     config.vicreg.projector_output_dim = 128
-    config.train.epochs = 18
-    config.train.log_every_steps = 8
-    config.train.checkpoint_every_steps = 1000
-    config.optim.schedule = "step"
-    config.eval.every_epochs = 2
-    config.ssps.enabled = True
-    config.ssps.start_epoch = 12
-    config.ssps.sampling = "kmeans-repr"
-    config.ssps.kmeans_clusters = 180
-    config.ssps.inter_sampling_size = 1
-    config.ssps.pos_queue_size = 1024
-    return config
+    return use_demo_ssps(config)

@@ -6,18 +6,11 @@ are replaced by the pair in the positive queue (which holds 2 x 24 832 x 512
 values).
 """
 
-from ssps_jax.config import base_config, paper_ecapa_tdnn, use_method, use_voxceleb
+from ssps_jax.config import base_config, paper_ecapa_tdnn, use_method, use_paper_ssps, use_voxceleb
 
 
 def get_config():
     config = use_method(paper_ecapa_tdnn(use_voxceleb(base_config())), "moco")
     config.moco.projector = False
     config.moco.temperature = 0.03
-    config.train.epochs = 120
-    config.ssps.enabled = True
-    config.ssps.start_epoch = 100
-    config.ssps.sampling = "kmeans-repr"
-    config.ssps.kmeans_clusters = 25000
-    config.ssps.inter_sampling_size = 1
-    config.ssps.pos_queue_size = 25000
-    return config
+    return use_paper_ssps(config)

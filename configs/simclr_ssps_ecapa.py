@@ -8,16 +8,9 @@ schedule; to start from a finished simclr_ecapa run, copy its workdir and
 train this config on the copy.
 """
 
-from ssps_jax.config import base_config, paper_ecapa_tdnn, use_voxceleb
+from ssps_jax.config import base_config, paper_ecapa_tdnn, use_paper_ssps, use_voxceleb
 
 
 def get_config():
     config = paper_ecapa_tdnn(use_voxceleb(base_config()))
-    config.train.epochs = 120
-    config.ssps.enabled = True
-    config.ssps.start_epoch = 100
-    config.ssps.sampling = "kmeans-repr"
-    config.ssps.kmeans_clusters = 25000
-    config.ssps.inter_sampling_size = 1
-    config.ssps.pos_queue_size = 25000
-    return config
+    return use_paper_ssps(config)

@@ -5,18 +5,11 @@ K = 25 000, M = 1, Q' = 25 000) to epoch 120; the queues fill during epoch
 99, and the pseudo-positive replaces the second view's projector output.
 """
 
-from ssps_jax.config import base_config, paper_ecapa_tdnn, use_method, use_voxceleb
+from ssps_jax.config import base_config, paper_ecapa_tdnn, use_method, use_paper_ssps, use_voxceleb
 
 
 def get_config():
     config = use_method(paper_ecapa_tdnn(use_voxceleb(base_config())), "vicreg")
     config.vicreg.projector_hidden_dim = 2048
     config.vicreg.projector_output_dim = 512
-    config.train.epochs = 120
-    config.ssps.enabled = True
-    config.ssps.start_epoch = 100
-    config.ssps.sampling = "kmeans-repr"
-    config.ssps.kmeans_clusters = 25000
-    config.ssps.inter_sampling_size = 1
-    config.ssps.pos_queue_size = 25000
-    return config
+    return use_paper_ssps(config)

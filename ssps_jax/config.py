@@ -163,6 +163,34 @@ def use_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.C
     return config
 
 
+def use_paper_ssps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The papers' SSPS schedule: 100 epochs of the method, then 20 with SSPS-Clustering (K = Q' = 25,000, M = 1)."""
+    config.train.epochs = 120
+    config.ssps.enabled = True
+    config.ssps.start_epoch = 100
+    config.ssps.sampling = "kmeans-repr"
+    config.ssps.kmeans_clusters = 25000
+    config.ssps.inter_sampling_size = 1
+    config.ssps.pos_queue_size = 25000
+    return config
+
+
+def use_demo_ssps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU demo's SSPS schedule: 12 epochs of the method, then 6 with SSPS (K 180, Q' 1024, M 1)."""
+    config.train.epochs = 18
+    config.train.log_every_steps = 8
+    config.train.checkpoint_every_steps = 1000
+    config.optim.schedule = "step"
+    config.eval.every_epochs = 2
+    config.ssps.enabled = True
+    config.ssps.start_epoch = 12
+    config.ssps.sampling = "kmeans-repr"
+    config.ssps.kmeans_clusters = 180
+    config.ssps.inter_sampling_size = 1
+    config.ssps.pos_queue_size = 1024
+    return config
+
+
 def use_demo(config: ml_collections.ConfigDict, data_dir: str = "demo_data") -> ml_collections.ConfigDict:
     """The CPU demo's setting: ECAPA-TDNN C=128 on the embedded corpus (`ssps-jax prepare-demo`), batch 64."""
     config.model.encoder = "ecapa_tdnn"

@@ -77,3 +77,28 @@ def test_paper_dino_ssps_config():
     assert (c.global_count, c.global_seconds, c.local_count, c.local_seconds) == (2, 4.0, 4, 2.0)
     s = config.ssps
     assert (s.sampling, s.kmeans_clusters, s.inter_sampling_size, s.pos_queue_size) == ("kmeans-repr", 25000, 1, 25000)
+
+
+@pytest.mark.parametrize(
+    "method, what",
+    [
+        ("simclr", "a projector output"),
+        ("vicreg", "a projector output"),
+        ("swav", "a projector output"),
+        ("moco", "a key"),
+    ],
+)
+def test_ssps_kmeans_centroids_must_fit_where_the_projection_goes(method, what):
+    config = config_lib.use_method(config_lib.use_voxceleb(config_lib.base_config()), method)
+    config.ssps.enabled = True
+    config.ssps.sampling = "kmeans"
+    config[method].projector = True
+    config[method].projector_output_dim = config.model.encoder_dim // 2
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config, data_on_disk=False)
+    assert str(e.value) == (
+        f"config.ssps.sampling: 'kmeans' puts a centroid of encoder outputs in place of {what}: "
+        f"needs {method}.projector_output_dim == model.encoder_dim"
+    )
+    config[method].projector_output_dim = config.model.encoder_dim
+    config_lib.validate(config, data_on_disk=False)  # the same size: a centroid can stand in

@@ -32,6 +32,25 @@ from ssps_jax.optim import make_optimizer
 Fail = Callable[[str, str], None]
 
 
+def check_kmeans_positive(config: ml_collections.ConfigDict, fail: Fail, section: str, what: str) -> None:
+    """Refuses SSPS 'kmeans' when its centroid (an encoder output) cannot stand where `what` (a projection) goes.
+
+    For methods whose `<section>` has an optional projector: with one, its output size must be the encoder's.
+    """
+    s = config[section]
+    if (
+        config.ssps.enabled
+        and config.ssps.sampling == "kmeans"
+        and s.projector
+        and s.projector_output_dim != config.model.encoder_dim
+    ):
+        fail(
+            "ssps.sampling",
+            f"'kmeans' puts a centroid of encoder outputs in place of {what}: "
+            f"needs {section}.projector_output_dim == model.encoder_dim",
+        )
+
+
 class Method(abc.ABC):
     """A self-supervised framework: its model, optimizer, state, step and what SSPS queues for it."""
 

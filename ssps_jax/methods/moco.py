@@ -34,7 +34,7 @@ import ml_collections
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
 from ssps_jax.methods.dino import ema, teacher_momentum
 from ssps_jax.methods.simclr import SimCLR
 from ssps_jax.models import build_encoder
@@ -120,17 +120,7 @@ class MoCoMethod(Method):
                 fail(f"moco.{key}", f"must be in [0, 1], got {m[key]}")
         if m.start_tau > m.end_tau:
             fail("moco.start_tau", f"{m.start_tau} is above end_tau {m.end_tau}")
-        if (
-            config.ssps.enabled
-            and config.ssps.sampling == "kmeans"
-            and m.projector
-            and m.projector_output_dim != config.model.encoder_dim
-        ):
-            fail(
-                "ssps.sampling",
-                "'kmeans' puts a centroid of encoder outputs in place of a key: "
-                "needs moco.projector_output_dim == model.encoder_dim",
-            )
+        check_kmeans_positive(config, fail, "moco", "a key")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
         m = config.moco

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
 from ssps_jax.sharding import DATA
@@ -100,17 +100,7 @@ class SimCLRMethod(Method):
         s = config.simclr
         if s.temperature <= 0:
             fail("simclr.temperature", f"must be > 0, got {s.temperature}")
-        if (
-            config.ssps.enabled
-            and config.ssps.sampling == "kmeans"
-            and s.projector
-            and s.projector_output_dim != config.model.encoder_dim
-        ):
-            fail(
-                "ssps.sampling",
-                "'kmeans' puts a centroid of encoder outputs in place of a projector output: "
-                "needs simclr.projector_output_dim == model.encoder_dim",
-            )
+        check_kmeans_positive(config, fail, "simclr", "a projector output")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
         s = config.simclr

@@ -33,7 +33,7 @@ from flax import traverse_util
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
 from ssps_jax.methods.dino import WeightNormDense
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
@@ -163,17 +163,7 @@ class SwAVMethod(Method):
             fail("swav.queue_size", f"{s.queue_size} is smaller than one global batch (0 turns the queue off)")
         if s.queue_size < 0:
             fail("swav.queue_size", f"must be >= 0, got {s.queue_size}")
-        if (
-            config.ssps.enabled
-            and config.ssps.sampling == "kmeans"
-            and s.projector
-            and s.projector_output_dim != config.model.encoder_dim
-        ):
-            fail(
-                "ssps.sampling",
-                "'kmeans' puts a centroid of encoder outputs in place of a projector output: "
-                "needs swav.projector_output_dim == model.encoder_dim",
-            )
+        check_kmeans_positive(config, fail, "swav", "a projector output")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SwAV:
         s = config.swav

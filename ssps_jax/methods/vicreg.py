@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
 from ssps_jax.methods.simclr import SimCLR
 from ssps_jax.models import build_encoder
 from ssps_jax.sharding import DATA
@@ -107,17 +107,7 @@ class VICRegMethod(Method):
                     fail(f"vicreg.{key}", f"must be >= 1, got {v[key]}")
         if config.train.global_batch_size < 2:
             fail("train.global_batch_size", "VICReg's variance and covariance need at least 2 examples")
-        if (
-            config.ssps.enabled
-            and config.ssps.sampling == "kmeans"
-            and v.projector
-            and v.projector_output_dim != config.model.encoder_dim
-        ):
-            fail(
-                "ssps.sampling",
-                "'kmeans' puts a centroid of encoder outputs in place of a projector output: "
-                "needs vicreg.projector_output_dim == model.encoder_dim",
-            )
+        check_kmeans_positive(config, fail, "vicreg", "a projector output")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
         v = config.vicreg
