@@ -93,6 +93,8 @@ def build(
         abstract=abstract,
     )
     ssps = SSPS.from_config(config.ssps, per_epoch, mesh)
+    if ssps.enabled and ssps.sampling.method == "oracle" and not abstract:
+        _check_oracle_labels(config, labels)
     queues = ssps.init_state(
         mesh,
         dataset_size=dataset_size,
@@ -137,6 +139,17 @@ def _train_speakers(config, method: Method, labels, dataset_size: int, abstract:
             f"utterances of {config.data.train_csv} have none (its index file lists no Speaker for them)"
         )
     return labels[0]
+
+
+def _check_oracle_labels(config, labels) -> None:
+    """Oracle sampling draws by speaker and session: a corpus whose index file has none cannot run it."""
+    labels = labels or (None, None)
+    missing = [name for name, ids in zip(("Speaker", "Session"), labels) if ids is None or ids.max() < 0]
+    if missing:
+        raise ConfigError(
+            f"config.ssps.sampling: oracle needs speaker and session labels, but the index file of "
+            f"{config.data.train_csv} lists no {' / '.join(missing)} for any utterance"
+        )
 
 
 def build_for_inference(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Method, nn.Module, TrainState]:

@@ -173,6 +173,11 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = command("demo", commands.demo, "the CPU demo: SimCLR, then continued with and without SSPS, compared")
     p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also continue with oracle positives (same speaker, other session: the headroom of any sampling)",
+    )
+    p.add_argument(
         "--data",
         default="demo_data",
         metavar="DIR",

@@ -49,7 +49,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def demo(args: argparse.Namespace) -> None:
     from ssps_jax import demo as demo_lib
 
-    demo_lib.run(args.data, args.workdir, args.config)
+    demo_lib.run(args.data, args.workdir, args.config, oracle=args.oracle)
 
 
 def demo_methods(args: argparse.Namespace) -> None:

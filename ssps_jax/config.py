@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.ssps = {
         "enabled": False,
         "start_epoch": 100,  # queues fill from start_epoch - 1, clustering and sampling from start_epoch
-        "sampling": "kmeans-repr",  # kmeans-repr (SSPS-Clustering) | kmeans (centroid) | knn (SSPS-NN)
+        # kmeans-repr (SSPS-Clustering) | kmeans (centroid) | knn (SSPS-NN) | oracle: a diagnostic, not a
+        # method -- the anchor's own speaker from another session, by the index file's labels (the headroom)
+        "sampling": "kmeans-repr",
         "pos_queue_size": 25000,  # Q' capacity, rounded down to a multiple of the global batch
         "kmeans_clusters": 25000,  # K
         "kmeans_iterations": 10,
@@ -373,7 +375,7 @@ def _validate_ssps(config: ml_collections.ConfigDict) -> None:
         _fail("ssps.pos_queue_size", f"{s.pos_queue_size} is smaller than one global batch")
     if config.data.crops.reference_seconds <= 0:
         _fail("data.crops.reference_seconds", "SSPS needs the clean reference crop (> 0 s)")
-    if s.sampling != "knn":
+    if s.sampling in ("kmeans-repr", "kmeans"):
         if s.kmeans_clusters < 1 or s.kmeans_iterations < 0 or s.inter_sampling_size < 0:
             _fail("ssps", "kmeans_clusters >= 1, kmeans_iterations >= 0 and inter_sampling_size >= 0 are needed")
         if s.inter_sampling_size >= s.kmeans_clusters:
@@ -381,5 +383,5 @@ def _validate_ssps(config: ml_collections.ConfigDict) -> None:
         if s.intra_sampling_prob != "uniform":
             # sslsv ranks kmeans-repr candidates in queue order, which carries no meaning.
             _fail("ssps.intra_sampling_prob", "only 'uniform' is supported for the clustering variants")
-    elif s.intra_sampling_size < 1:
+    elif s.sampling == "knn" and s.intra_sampling_size < 1:
         _fail("ssps.intra_sampling_size", f"must be >= 1, got {s.intra_sampling_size}")

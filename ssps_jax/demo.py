@@ -8,7 +8,10 @@
   3. <workdir>/ssps: a copy of (2) continued with SSPS to `train.epochs`;
   4. <workdir>/fair_baseline: a copy of (2) continued for the same epochs
      without SSPS -- the fair baseline SSPS has to beat;
-  5. a table (EER, minDCF, pseudo-positive speaker / session accuracy, NMI of
+  4b. <workdir>/oracle: a copy of (2) continued with `ssps.sampling = "oracle"`
+     (the anchor's speaker from another session, by labels): the headroom of
+     positive sampling on this corpus, a diagnostic;
+  5. a table (EER and minDCF with their bootstrap CIs, pseudo-positive speaker / session accuracy, NMI of
      the clustering) and <workdir>/comparison.png (DET curves and scores).
 Every stage resumes: rerunning the command after an interruption continues
 where it stopped, and finished stages are not trained again.
@@ -66,6 +69,7 @@ def _row(workdir: Path, trials: str, which: int, after_step: int = 0) -> dict:
     e = evals[which]
     row = {"workdir": str(workdir), "step": e["step"]}
     row.update(eer=e[f"{trials}/cosine/eer"], min_dcf=e[f"{trials}/cosine/min_dcf_0.01"])
+    row.update(_intervals(workdir, e["step"], trials))
     sampled = [r for r in records if r["kind"] == "train" and r["step"] > after_step and r.get("ssps/coverage", 0) > 0]
     for key in ("coverage", "same_speaker", "same_session"):
         values = [r[f"ssps/{key}"] for r in sampled if math.isfinite(r.get(f"ssps/{key}", math.nan))]
@@ -76,8 +80,19 @@ def _row(workdir: Path, trials: str, which: int, after_step: int = 0) -> dict:
     return row
 
 
-def run(data: str | Path, workdir: str | Path, config: ml_collections.ConfigDict) -> dict:
-    """Runs (or resumes) every stage; prints and returns the table; writes comparison.png."""
+def _intervals(workdir: Path, step: int, trials: str) -> dict:
+    """The bootstrap CIs of EER and minDCF that the evaluation wrote to eval/step_N/metrics.json
+    ([nan, nan] for an evaluation written before the CIs existed)."""
+    path = workdir / "eval" / f"step_{step}" / "metrics.json"
+    cosine = json.loads(path.read_text())["results"][trials]["cosine"] if path.is_file() else {}
+    nan = [math.nan, math.nan]
+    return {"eer_ci": cosine.get("eer_ci", nan), "min_dcf_ci": cosine.get("min_dcf_0.01_ci", nan)}
+
+
+def run(data: str | Path, workdir: str | Path, config: ml_collections.ConfigDict, oracle: bool = False) -> dict:
+    """Runs (or resumes) every stage; prints and returns the table; writes comparison.png.
+
+    `oracle`: also the oracle-sampling continuation (`make demo`; demo-methods leaves it out)."""
     from ssps_jax.train import train  # imports JAX: not needed to read this module
 
     data, workdir = Path(data), Path(workdir)
@@ -96,18 +111,24 @@ def run(data: str | Path, workdir: str | Path, config: ml_collections.ConfigDict
     base.train.stop_at_epoch = start  # schedules still span train.epochs, so the continuations pick them up
     base.eval.at_start = True  # the untrained encoder too
     base.eval.every_epochs = start
-    say(f"== 1/3 {name} for {start} epochs, the last one filling the SSPS queues: {workdir / 'baseline'}")
+    say(f"== 1 {name} for {start} epochs, the last one filling the SSPS queues: {workdir / 'baseline'}")
     train(base, workdir / "baseline")
 
     ssps = config.copy_and_resolve_references()
     ssps.eval.every_epochs = epochs
-    say(f"== 2/3 continued with SSPS to epoch {epochs}: {workdir / 'ssps'}")
+    say(f"== 2 continued with SSPS to epoch {epochs}: {workdir / 'ssps'}")
     train(ssps, _branch(workdir / "baseline", workdir / "ssps"))
 
     fair = ssps.copy_and_resolve_references()
     fair.ssps.enabled = False
-    say(f"== 3/3 continued without SSPS to epoch {epochs} (the fair baseline): {workdir / 'fair_baseline'}")
+    say(f"== 3 continued without SSPS to epoch {epochs} (the fair baseline): {workdir / 'fair_baseline'}")
     train(fair, _branch(workdir / "baseline", workdir / "fair_baseline"))
+
+    if oracle:
+        diagnostic = ssps.copy_and_resolve_references()
+        diagnostic.ssps.sampling = "oracle"
+        say(f"== 4 continued with oracle positives (by labels; a diagnostic) to epoch {epochs}: {workdir / 'oracle'}")
+        train(diagnostic, _branch(workdir / "baseline", workdir / "oracle"))
 
     trials = trial_list_name(corpus.TRIALS)
     baseline = _row(workdir / "baseline", trials, -1)
@@ -118,7 +139,9 @@ def run(data: str | Path, workdir: str | Path, config: ml_collections.ConfigDict
         f"{name}, {epochs} epochs (fair baseline)": _row(workdir / "fair_baseline", trials, -1, after),
         f"{name}-SSPS, {epochs} epochs": _row(workdir / "ssps", trials, -1, after),
     }
-    fair_row, ssps_row = list(table.values())[2:]
+    if oracle:
+        table[f"{name}-oracle, {epochs} epochs"] = _row(workdir / "oracle", trials, -1, after)
+    fair_row, ssps_row = list(table.values())[2:4]
     relative = (fair_row["eer"] - ssps_row["eer"]) / fair_row["eer"]
     _print(table, trials, relative)
     png = plots.compare(
@@ -144,16 +167,25 @@ def _print(table: dict, trials: str, relative: float) -> None:
 
     say("")
     say(f"demo results on {trials} (held-out speakers, cross-session targets)")
-    header = f"  {'run':<36}{'step':>6}{'EER %':>8}{'minDCF':>8}{'cov %':>7}{'spk %':>7}{'ses %':>7}"
+
+    def ci(interval, scale, digits):
+        lo, hi = interval
+        return "" if math.isnan(lo) else f"[{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+    header = f"  {'run':<36}{'step':>6}{'EER %':>8}{'95% CI':>15}{'minDCF':>8}{'95% CI':>17}"
+    header += f"{'cov %':>7}{'spk %':>7}{'ses %':>7}"
     say(header + f"{'NMI spk':>9}{'NMI ses':>9}")
     for label, r in table.items():
         say(
-            f"  {label:<36}{r['step']:>6}{100 * r['eer']:>8.2f}{r['min_dcf']:>8.4f}{pct(r['coverage']):>7}"
+            f"  {label:<36}{r['step']:>6}{100 * r['eer']:>8.2f}{ci(r['eer_ci'], 100, 2):>15}"
+            f"{r['min_dcf']:>8.4f}{ci(r['min_dcf_ci'], 1, 4):>17}{pct(r['coverage']):>7}"
             f"{pct(r['same_speaker']):>7}{pct(r['same_session']):>7}{num(r['nmi_speaker']):>9}"
             f"{num(r['nmi_session']):>9}"
         )
     say(
         "  cov: anchors given a pseudo-positive; spk / ses: pseudo-positives of the anchor's speaker / session; "
-        "NMI: last clustering vs speakers / sessions (labels used for these diagnostics only)"
+        "NMI: last clustering vs speakers / sessions (labels used for these diagnostics only); "
+        "CI: bootstrap over trials (eval.confidence); oracle: positives of the anchor's speaker from another "
+        "session, by labels -- the headroom of any positive sampling, not a method"
     )
     say(f"  SSPS vs the fair baseline: EER {100 * relative:+.1f}% relative improvement")

@@ -237,3 +237,13 @@ def test_queues_are_split_not_replicated():
         assert all(s.data.nbytes * 8 == queue.nbytes for s in shards)
         assert len({str(s.index) for s in shards}) == 8  # eight different slices, not copies
     assert state.ref_emb.dtype == state.pos_emb.dtype == jnp.bfloat16
+
+
+def test_cluster_size_cv_against_a_hand_computed_case():
+    from ssps_jax.ssps.lifecycle import cluster_size_cv
+
+    # K = 4, sizes (3, 1, 0, 0) from 4 assigned indices and 2 unassigned: mean 1, std sqrt(1.5).
+    assignment = np.array([0, 0, 1, -1, 0, -1])
+    assert cluster_size_cv(assignment, 4) == pytest.approx(np.sqrt(1.5))
+    assert cluster_size_cv(np.array([2, 1, 0]), 3) == 0.0  # equal sizes
+    assert np.isnan(cluster_size_cv(np.full(3, -1), 3))

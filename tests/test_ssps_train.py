@@ -170,3 +170,16 @@ def test_kill_during_the_epoch_start_kmeans_resumes_exactly(demo_dir, tmp_path, 
     resumed = {r["step"]: r["loss"] for r in _records(workdir, "train")}  # the last record of a step logged twice
     assert sorted(resumed) == sorted(reference)
     np.testing.assert_allclose([resumed[s] for s in reference], list(reference.values()), rtol=1e-6)
+
+
+def test_oracle_sampling_trains_with_same_speaker_other_session_positives(demo_dir, tmp_path):
+    """The oracle diagnostic through the real step: no clustering, every pseudo-positive the anchor's speaker
+    from another session (the demo corpus's index file has both labels)."""
+    config = ssps_config(demo_dir)
+    config.ssps.sampling = "oracle"
+    config.train.epochs = START + 1
+    train_lib.train(config, tmp_path)
+    sampled = [r for r in _records(tmp_path, "train") if r["step"] > START * STEPS_PER_EPOCH]
+    assert sampled and not _records(tmp_path, "ssps")  # steps that sampled; no epoch-start clustering
+    assert all(r["ssps/same_speaker"] == 1.0 and r["ssps/same_session"] == 0.0 for r in sampled)
+    assert np.mean([r["ssps/coverage"] for r in sampled]) > 0.2

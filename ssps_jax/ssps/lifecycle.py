@@ -16,6 +16,7 @@ fills, samples or clusters, so the loop calls it the same way either way.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -76,8 +77,8 @@ class SSPS:
 
     @property
     def clustered(self) -> bool:
-        """Whether pseudo-positives come from a clustering (kmeans-repr, kmeans) rather than nearest rows (knn)."""
-        return self.sampling.method != "knn"
+        """Whether pseudo-positives come from a clustering (kmeans-repr, kmeans), not nearest rows or labels."""
+        return self.sampling.method in ("kmeans-repr", "kmeans")
 
     # -- the schedule --------------------------------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class SSPS:
         seconds = time.perf_counter() - started
         present = assignment >= 0
         scalars = {"kmeans_seconds": seconds, "clusters_used": float(len(np.unique(assignment[present])))}
+        scalars["cluster_size_cv"] = cluster_size_cv(assignment, self.kmeans_clusters)
         for name in ("speaker", "session"):
             y = np.asarray(getattr(queues, name).addressable_data(0))
             if np.all(y[present] >= 0):
@@ -174,3 +176,10 @@ class SSPS:
             + ", ".join(f"{k} {v:.3f}" for k, v in scalars.items() if k != "kmeans_seconds")
         )
         return queues, scalars
+
+
+def cluster_size_cv(assignment: np.ndarray, clusters: int) -> float:
+    """Coefficient of variation (std / mean) of the K cluster sizes, empty clusters included: a label-free
+    view of how uneven the clustering is (issue 16, a candidate warning that needs no labels)."""
+    sizes = np.bincount(assignment[assignment >= 0], minlength=clusters).astype(np.float64)
+    return float(sizes.std() / sizes.mean()) if sizes.sum() else math.nan

@@ -20,6 +20,11 @@ knn (SSPS-NN)
   positive queue, rows of index i excluded; per-device top-M, gathered and
   merged into the global top-M; one of them drawn (uniform or exponential
   over rank); its embedding travels like above.
+oracle (a diagnostic, not a method)
+  candidates = positive-queue rows whose speaker label is the anchor's and
+  whose session label differs (labels from the index file, SSPSState.speaker
+  / session); one drawn uniformly over all devices, exactly as kmeans-repr
+  draws within c*. It measures the headroom of any positive sampling.
 Anchors without cluster or candidate keep their ordinary positive (mask False).
 """
 
@@ -34,7 +39,7 @@ from jax import lax
 
 from ssps_jax.ssps.state import SSPSState, local_positions
 
-METHODS = ("kmeans-repr", "kmeans", "knn")
+METHODS = ("kmeans-repr", "kmeans", "knn", "oracle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,42 @@ def sample_kmeans_repr(state: SSPSState, anchors_local: jax.Array, key: jax.Arra
     return Sample(emb, _local_slice(total > 0, axis, n), index)
 
 
+def sample_oracle(state: SSPSState, anchors_local: jax.Array, key: jax.Array, axis: str):
+    n = anchors_local.shape[0]
+    device = lax.axis_index(axis)
+    anchors = lax.all_gather(anchors_local, axis, tiled=True)  # (G,)
+    keys = _anchor_keys(key, anchors.shape[0])
+    speaker, session = state.speaker[anchors], state.session[anchors]
+
+    # This device's candidates for every anchor: a (G, local rows) match table. Same speaker, other
+    # session: the anchor's own row (same session) is never a candidate; unlabelled anchors have none.
+    entry_index = state.pos_index.reshape(-1)
+    safe = jnp.maximum(entry_index, 0)
+    match = (
+        (entry_index[None, :] >= 0)
+        & (speaker[:, None] >= 0)
+        & (state.speaker[safe][None, :] == speaker[:, None])
+        & (state.session[safe][None, :] != session[:, None])
+    )
+    # Candidates are ranked in queue-position order (block, then global row), so a draw does not depend
+    # on how the rows are split over devices: gather every (device, block) count, offset this device's.
+    blocks = state.pos_index.shape[0]
+    match = match.reshape(-1, blocks, n)  # (G, blocks, local rows)
+    count = jnp.sum(match, axis=2)  # (G, blocks)
+    counts = lax.all_gather(count, axis, axis=2)  # (G, blocks, devices)
+    flat = counts.reshape(counts.shape[0], -1)
+    total = jnp.sum(flat, axis=1)
+    before = (jnp.cumsum(flat, axis=1) - flat).reshape(counts.shape)[:, :, device]  # (G, blocks)
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys)
+    rank = jnp.minimum(jnp.floor(u * total).astype(jnp.int32), jnp.maximum(total - 1, 0))
+    position = before[:, :, None] + jnp.cumsum(match, axis=2) - 1  # global rank of each local candidate
+    hit = (match & (position == rank[:, None, None])).reshape(match.shape[0], -1)
+    mine = jnp.any(hit, axis=1)
+    entry = jnp.argmax(hit, axis=1)
+    emb, index = _fetch(state.pos_emb, state.pos_index, entry, mine, axis)
+    return Sample(emb, _local_slice(total > 0, axis, n), index)
+
+
 def sample_kmeans_centroid(state: SSPSState, anchors_local: jax.Array, key: jax.Array, cfg: SamplingConfig, axis: str):
     n = anchors_local.shape[0]
     keys = _anchor_keys(key, n, offset=lax.axis_index(axis) * n)
@@ -161,4 +202,6 @@ def sample(state: SSPSState, anchors_local, y_ref_local, key, cfg: SamplingConfi
         return sample_kmeans_repr(state, anchors_local, key, cfg, axis)
     if cfg.method == "kmeans":
         return sample_kmeans_centroid(state, anchors_local, key, cfg, axis)
+    if cfg.method == "oracle":
+        return sample_oracle(state, anchors_local, key, axis)
     return sample_knn(state, anchors_local, y_ref_local, key, cfg, axis)
