@@ -24,6 +24,9 @@ $(STAMP): setup.py
 
 venv: $(STAMP)
 
+# Two pytest workers (pytest-xdist), each test file whole on one (its module fixtures are built
+# once): most of a test's time is XLA compiling, one thread, so 2 cores run 2 files at once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 

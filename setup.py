@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         # torch: the PyTorch baseline's equivalence tests (tests/test_torch_baseline.py).
-        "test": ["pytest>=8", "scikit-learn>=1.4", "ruff>=0.6", "torch>=2.3"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6", "torch>=2.3"],
         # libtpu: training on TPU VMs, and `ssps-jax compile` for TPU slices on any host. Installing it
         # pins jax to the libtpu release it pairs with (make test installs jax[tpu]==the installed jax).
         "tpu": ["jax[tpu]>=0.10"],
