@@ -121,6 +121,21 @@ def _read_any(path: Path) -> tuple[np.ndarray, int]:
         return _read_ffmpeg(path)
 
 
+def write_m4a(path: Path | str, x: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Writes mono float audio as AAC in an MP4 container (as VoxCeleb2 is distributed), creating parent folders."""
+    import av  # deferred: only benchmarks and tests write m4a
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=sample_rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.asarray(x, np.float32)[None, :], format="flt", layout="mono")
+        frame.sample_rate = sample_rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+
+
 def read_audio(path: Path | str, min_seconds: float = 0.0) -> Audio:
     """Reads `path` as 16 kHz mono int16 PCM.
 

@@ -19,17 +19,6 @@ def _speechlike(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
     return (0.2 * noise * envelope).astype(np.float32)
 
 
-def write_m4a(path, x: np.ndarray, rate: int = RATE) -> None:
-    """AAC in an MP4 container, as VoxCeleb2 distributes it."""
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=rate)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            container.mux(packet)
-
-
 def _aligned_snr_db(decoded: np.ndarray, source: np.ndarray) -> float:
     """SNR of `decoded` against `source`, after removing the codec's delay (found by cross-correlation)."""
     max_lag = 4096
@@ -42,7 +31,7 @@ def _aligned_snr_db(decoded: np.ndarray, source: np.ndarray) -> float:
 
 def test_m4a_decodes_to_the_source_within_aac_tolerance(tmp_path):
     source = _speechlike(2.0, RATE)
-    write_m4a(tmp_path / "a.m4a", source)
+    audio_io.write_m4a(tmp_path / "a.m4a", source)
     audio = audio_io.read_audio(tmp_path / "a.m4a")
     assert audio.notes == ()  # 16 kHz mono AAC: decoded, not converted
     assert audio.samples.dtype == np.int16
@@ -55,7 +44,7 @@ def test_m4a_decodes_to_the_source_within_aac_tolerance(tmp_path):
 
 def test_m4a_at_another_rate_is_resampled_to_16k(tmp_path):
     t = np.arange(48000) / 48000
-    write_m4a(tmp_path / "b.m4a", (0.3 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), rate=48000)
+    audio_io.write_m4a(tmp_path / "b.m4a", (0.3 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), 48000)
     audio = audio_io.read_audio(tmp_path / "b.m4a")
     assert audio.notes == ("resampled from 48000 Hz",)
     decoded = audio.samples.astype(np.float64) / 32768

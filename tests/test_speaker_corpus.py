@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from data_pipelines import speaker_corpus
-from data_pipelines.audio_io import write_wav
+from data_pipelines.audio_io import write_m4a, write_wav
 from data_pipelines.demo_corpus import corpus
 from data_pipelines.errors import InputError
 from ssps_jax import cli
@@ -146,7 +146,6 @@ def test_make_csv(tmp_path):
 @pytest.fixture
 def mixed_corpus(tmp_path):
     """Ten files of two speakers: WAV at 16 kHz, WAV at 44.1 kHz, and AAC in m4a."""
-    from tests.test_audio_io import write_m4a
 
     base = tmp_path / "corpus"
     lines = ["File,Speaker"]

@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 
 from data_pipelines import audio_io
@@ -52,18 +51,6 @@ def _voice(rng: np.random.Generator, pitch: float, seconds: float) -> np.ndarray
     return (0.2 * wave / 2.3 + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def _write_m4a(path: Path, x: np.ndarray) -> None:
-    """AAC in an MP4 container, as VoxCeleb2 distributes it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=RATE)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
-        frame.sample_rate = RATE
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            container.mux(packet)
-
-
 def _speaker_tree(root: Path, prefix: int, speakers: int, sessions: int, utterances: int, write, ext: str, rng):
     files = []
     for s in range(speakers):
@@ -79,7 +66,7 @@ def _speaker_tree(root: Path, prefix: int, speakers: int, sessions: int, utteran
 def miniature_voxceleb_downloads(folder: Path) -> None:
     """The VoxCeleb, MUSAN and RIRS_NOISES archives of the README, unpacked in `folder`, in miniature."""
     rng = np.random.default_rng(0)
-    _speaker_tree(folder / "dev" / "aac", 12, 4, 2, 2, _write_m4a, "m4a", rng)  # VoxCeleb2 dev: 16 files
+    _speaker_tree(folder / "dev" / "aac", 12, 4, 2, 2, audio_io.write_m4a, "m4a", rng)  # VoxCeleb2 dev: 16 files
     test = _speaker_tree(folder / "wav", 10270, 3, 2, 2, audio_io.write_wav, "wav", rng)  # VoxCeleb1: 12 files
     pairs = [(a, b) for i, a in enumerate(test) for b in test[i + 1 :] if a.split("/")[1] != b.split("/")[1]]
     for name, every in (("veri_test2.txt", 1), ("list_test_all2.txt", 1), ("list_test_hard2.txt", 2)):

@@ -39,18 +39,6 @@ def _voice(rng: np.random.Generator, seconds: float, rate: int) -> np.ndarray:
     return (0.1 * wave + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def _write_m4a(path: Path, x: np.ndarray, rate: int) -> None:
-    import av
-
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=rate)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            container.mux(packet)
-
-
 def _write_part(args: tuple[str, list[tuple[str, float]], str, int]) -> None:
     base, files, fmt, seed = args
     from data_pipelines import audio_io
@@ -61,7 +49,7 @@ def _write_part(args: tuple[str, list[tuple[str, float]], str, int]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         x = _voice(rng, seconds, audio_io.SAMPLE_RATE)
         if fmt == "m4a":
-            _write_m4a(path, x, audio_io.SAMPLE_RATE)
+            audio_io.write_m4a(path, x)
         else:
             audio_io.write_wav(path, x)
 
