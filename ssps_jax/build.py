@@ -152,10 +152,13 @@ def _check_oracle_labels(config, labels) -> None:
         )
 
 
-def build_for_inference(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Method, nn.Module, TrainState]:
+def build_for_inference(
+    config: ml_collections.ConfigDict, mesh: Mesh, *, abstract: bool = False
+) -> tuple[Method, nn.Module, TrainState]:
     """(method, model, state) to restore a checkpoint's model into and embed with: no optimizer state, no SSPS.
 
-    The state's `opt_state` and `ssps` are None, so a checkpoint restore leaves them out.
+    The state's `opt_state` and `ssps` are None, so a checkpoint restore leaves them out. `abstract`: shapes
+    and shardings only (nothing compiled or allocated), e.g. to convert a checkpoint's arrays into its layout.
     """
     method = methods.get(config.method)
     model = method.build_model(config, bn_axis_name=sharding.DATA)
@@ -167,5 +170,6 @@ def build_for_inference(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[
         mesh,
         init_method_state=lambda variables: method.init_state(config, variables),
         method_specs=method.state_specs,
+        abstract=abstract,
     )
     return method, model, state.replace(opt_state=None)

@@ -6,6 +6,9 @@ One checkpoint per saved step under <workdir>/checkpoints/<step>/:
   data   grain's iterator state (one JSON per process): the exact position in
          the shuffled, augmented input stream;
   meta   JSON: epoch, global batch, and what else the run wants to find again.
+A checkpoint of imported weights (`ssps-jax import-sslsv`) has no `data`
+item and says so in its meta (`"imported"`): a run continued from it starts
+the input stream at its beginning.
 Orbax writes to a temporary folder and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint as the latest.
 
@@ -114,18 +117,22 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, iterator: grain.DatasetIterator, meta: dict) -> None:
+    def save(self, step: int, state, iterator: grain.DatasetIterator | None, meta: dict) -> None:
+        """Saves (asynchronously) `state`, the input position of `iterator` and `meta` as checkpoint `step`.
+
+        `iterator` None: no input position (imported weights), and `meta` must say so with an "imported" entry.
+        """
+        if iterator is None and "imported" not in meta:
+            raise ValueError("a checkpoint without an input position must be marked 'imported' in its meta")
+        items = {
+            "state": ocp.args.PyTreeSave(_host_copies(as_dict(state))),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
         # An async save that failed raises here, at the next save: name the step it was writing.
         with storage.writing(self.directory / str(self._saving or step), f"checkpoint {self._saving or step}"):
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeSave(_host_copies(as_dict(state))),
-                    data=grain.checkpoint.CheckpointSave(iterator),
-                    meta=ocp.args.JsonSave(meta),
-                ),
-                force=True,
-            )
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._saving = step
 
     def damage(self, step: int) -> str | None:
@@ -138,7 +145,7 @@ class Checkpointer:
         if not (path / COMMIT_FILE).is_file():
             return f"incomplete (no {COMMIT_FILE})"
         for item in ITEMS:
-            if not (path / item).is_dir():
+            if not (path / item).is_dir() and not (item == "data" and _imported(path)):
                 return f"incomplete (no {item}/)"
         for file in [path / "meta" / "metadata", *sorted((path / "data").glob("*.json"))]:
             try:
@@ -178,6 +185,22 @@ class Checkpointer:
                 f"(steps {', '.join(map(str, steps))}; see the warnings above)"
             )
         return None
+
+    def restore_for_use(self, like: TrainState, step: int | None = None):
+        """(step, state, meta) of checkpoint `step`, or of the newest readable one: for evaluation and export.
+
+        Damaged checkpoints are skipped with a warning and left where they are; a `step` that is
+        missing or damaged is an InputError naming it.
+        """
+        if step is None:
+            if (restored := self.restore_newest(like, move_aside=False)) is None:
+                raise InputError(f"no checkpoint in {self.directory}")
+            return restored
+        if step not in self.manager.all_steps():
+            raise InputError(f"no checkpoint {step} in {self.directory}")
+        if why := self.damage(step):
+            raise InputError(f"checkpoint {step} in {self.directory} cannot be read back: {why}")
+        return (step, *self.restore(step, like))
 
     def _move_aside(self, step: int) -> Path:
         """Moves checkpoint `step` to checkpoints_skipped/<step>[.N] (process 0; the others wait for it)."""
@@ -224,8 +247,10 @@ class Checkpointer:
             ),
             "meta": ocp.args.JsonRestore(),
         }
-        if iterator is not None:
+        if iterator is not None and (self.directory / str(step) / "data").is_dir():
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        elif iterator is not None:
+            logger.warning("checkpoint %d holds imported weights: the input stream starts at its beginning", step)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         fields = jax.tree.map(
             lambda r, x: (
@@ -243,6 +268,14 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _imported(path: Path) -> bool:
+    """Whether the checkpoint folder `path` holds imported weights (its meta says so): it has no input position."""
+    try:
+        return "imported" in json.loads((path / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _first_line(error: BaseException) -> str:

@@ -2,6 +2,10 @@
 
 ssps-jax train           train (or resume) a run: --config FILE --workdir DIR [--config.KEY=VALUE ...]
 ssps-jax evaluate        a checkpoint of a run on trial lists
+ssps-jax extract         embeddings of a list of recordings into one .npz (resumable)
+ssps-jax score           the score of two recordings with a trained model
+ssps-jax import-sslsv    a workdir from an sslsv (PyTorch) checkpoint
+ssps-jax export          a trained model as ONNX, StableHLO or an sslsv checkpoint
 ssps-jax demo            the CPU demo: SimCLR, then with and without SSPS, compared on the demo corpus
 ssps-jax demo-methods    every method's demo (with and without SSPS) in one table with wall times
 ssps-jax bench           the SSPS train step: compile, step time, SSPS share, k-means, memory, MFU
@@ -143,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     _add_runs(command)
+    _add_model_use(command)
     _add_benchmarks(command)
     _add_compile(command)
     _add_data(command)
@@ -202,6 +207,52 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
         "--methods",
         default="simclr,dino,vicreg,moco,swav,supervised",
         help="comma-separated, in this order (default: %(default)s)",
+    )
+
+
+def _add_model_use(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The commands that take a trained model out of its workdir (README: "Using a trained model")."""
+    step = dict(type=int, help="checkpoint step (default: the newest readable one)")
+    p = command("extract", commands.extract, "L2-normalised embeddings of a list of recordings, into one .npz")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a training (or imported) workdir")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", metavar="FILE", help="a train/test CSV: its File column")
+    source.add_argument("--list", metavar="FILE", help="a text file, one recording per line")
+    source.add_argument("--trials", metavar="FILE", help="a VoxCeleb-format trial list: its enrol and test files")
+    p.add_argument("--out", required=True, metavar="FILE", help=".npz with embeddings (N, D), ids (N,), step")
+    p.add_argument(
+        "--base-dir", metavar="DIR", help="folder relative paths are under (default: the config's eval folder)"
+    )
+    p.add_argument("--step", **step)
+    p.add_argument(
+        "--part-files",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="files per resumable part (<out>.parts/; default: %(default)s)",
+    )
+
+    p = command("score", commands.score, "score two recordings with a trained model: cosine (and S/AS-Norm)")
+    p.add_argument("workdir", metavar="WORKDIR", help="a training (or imported) workdir")
+    p.add_argument("audio", nargs=2, metavar="AUDIO", help="two recordings (any format prepare reads)")
+    p.add_argument("--step", **step)
+    p.add_argument("--no-norm", action="store_true", help="cosine only, even when eval.score_norm is set")
+
+    p = command("import-sslsv", commands.import_sslsv, "make a workdir from an sslsv (PyTorch) checkpoint")
+    p.add_argument("checkpoint", metavar="MODEL.pt", help="sslsv's model_*.pt ({'model': state_dict, ...})")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="new workdir (must hold no checkpoint)")
+    _with_config(p, None, "the config the sslsv model corresponds to: configs/*.py")
+
+    p = command("export", commands.export, "write a trained model as ONNX, StableHLO or an sslsv checkpoint")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="a training (or imported) workdir")
+    p.add_argument("--format", required=True, choices=("onnx", "stablehlo", "sslsv"), help="what to write")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--step", **step)
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        help="the exported program's fixed input length, in seconds (callers pad and pass lengths); "
+        "default: 20 for onnx, any length for stablehlo",
     )
 
 

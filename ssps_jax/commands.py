@@ -46,6 +46,55 @@ def evaluate(args: argparse.Namespace) -> None:
     evaluate_run(args.workdir, args.trials, args.base_dir, args.step)
 
 
+def extract(args: argparse.Namespace) -> None:
+    _folder("--workdir", args.workdir)
+    if args.base_dir:
+        _folder("--base-dir", args.base_dir)
+    if args.part_files < 1:
+        raise UsageError(f"--part-files must be >= 1, got {args.part_files}")
+    from ssps_jax import distributed
+    from ssps_jax import extract as extract_lib
+
+    files = extract_lib.read_file_list(args.csv or args.list or args.trials, trials=bool(args.trials))
+    distributed.initialize()
+    extract_lib.extract(args.workdir, files, args.out, args.base_dir, args.step, args.part_files)
+
+
+def score(args: argparse.Namespace) -> None:
+    _folder("WORKDIR", args.workdir)
+    for path in args.audio:
+        _file("AUDIO", path)
+    from ssps_jax.inference import Verifier
+
+    verifier = Verifier.from_workdir(args.workdir, args.step, normalise=not args.no_norm)
+    for kind, value in verifier.scores(*args.audio).items():
+        print(f"{kind:<8}{value:.6f}")
+
+
+def import_sslsv(args: argparse.Namespace) -> None:
+    _file("MODEL.pt", args.checkpoint)
+    from ssps_jax import sslsv_checkpoint
+
+    sslsv_checkpoint.import_sslsv(Path(args.checkpoint), args.config, Path(args.workdir))
+
+
+def export(args: argparse.Namespace) -> None:
+    _folder("--workdir", args.workdir)
+    out = Path(args.out)
+    if args.format == "sslsv":
+        from ssps_jax import sslsv_checkpoint
+
+        sslsv_checkpoint.export_sslsv(Path(args.workdir), out, args.step)
+        return
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise UsageError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    from ssps_jax import export as export_lib
+    from ssps_jax.inference import TrainedModel
+
+    trained = TrainedModel.from_workdir(args.workdir, args.step)
+    export_lib.export(trained, out, args.format, args.max_seconds)
+
+
 def demo(args: argparse.Namespace) -> None:
     from ssps_jax import demo as demo_lib
 

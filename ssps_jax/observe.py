@@ -19,7 +19,7 @@ from tensorboardX import SummaryWriter
 from ssps_jax import storage
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -78,7 +78,7 @@ class Progress:
         return (
             f"step {step}/{self.total}  epoch {(step - 1) // self.per_epoch + 1}/{self.total // self.per_epoch}  "
             f"loss {scalars['loss']:.4f}  lr {scalars['lr']:.1e}  | {scalars['samples_per_s']:.1f} samples/s  "
-            f"{scalars['steps_per_s']:.2f} steps/s  ETA {_duration(eta)}"
+            f"{scalars['steps_per_s']:.2f} steps/s  ETA {duration(eta)}"
         )
 
 

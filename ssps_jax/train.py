@@ -49,7 +49,8 @@ def _load_source(config: ml_collections.ConfigDict):
     return source if jax.process_index() == 0 else input_pipeline.load_source(config.data)
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Writes <workdir>/config.json (process 0), keeping a different earlier one as config.json.previous."""
     if jax.process_index() != 0:
         return
     path = workdir / "config.json"
@@ -74,7 +75,7 @@ def train(
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
-    _save_config(config, workdir)  # as written: `evaluate` resolves it again, where it runs
+    save_config(config, workdir)  # as written: `evaluate` resolves it again, where it runs
     config = config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
 
     source = _load_source(config)
@@ -86,7 +87,8 @@ def train(
     run, state = build(config, mesh, len(source), labels=labels)
     per_epoch = run.steps_per_epoch
     stop = (config.train.stop_at_epoch or config.train.epochs) * per_epoch  # where this run stops
-    verifier = verification.make_verifier(config, run.model, mesh)  # checks the test files: fails before workers start
+    # Reads the test files' headers now: a bad one fails before the input workers start.
+    evaluator = verification.make_trial_evaluator(config, run.model, mesh)
 
     dataset = input_pipeline.train_dataset(
         source,
@@ -115,10 +117,10 @@ def train(
     def evaluate(step: int) -> None:
         nonlocal last_results
         started = time.perf_counter()
-        results, scores = verifier.evaluate(run.eval_variables(state))
+        results, scores = evaluator.evaluate(run.eval_variables(state))
         seconds = time.perf_counter() - started
         if jax.process_index() == 0:
-            verifier.write(
+            evaluator.write(
                 workdir / "eval" / f"step_{step}", results, scores, {"step": step, "epoch": step / per_epoch}
             )
         writer.write(step, verification.scalars(results), kind="eval")  # <list>/<cosine|s-norm|as-norm>/<metric>
@@ -153,10 +155,11 @@ def train(
 
     def evaluation_due(done: int) -> bool:
         every = config.eval.every_epochs
-        return bool(verifier and done % per_epoch == 0 and every and ((done // per_epoch) % every == 0 or done == stop))
+        epoch_end = done % per_epoch == 0
+        return bool(evaluator and epoch_end and every and ((done // per_epoch) % every == 0 or done == stop))
 
     try:
-        if verifier and config.eval.at_start and start == 0:
+        if evaluator and config.eval.at_start and start == 0:
             evaluate(0)
         if start > 0 and evaluation_due(start) and not (workdir / "eval" / f"step_{start}" / "metrics.json").is_file():
             evaluate(start)  # the run was stopped between this checkpoint and its evaluation

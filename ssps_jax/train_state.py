@@ -66,6 +66,12 @@ def from_dict(like: TrainState, fields: dict) -> TrainState:
     return like.replace(**fields)
 
 
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(the parameters' initialisation key, the state's base key `rng`) of a run with `seed`."""
+    init_key, base_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, base_key
+
+
 def init_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -85,7 +91,7 @@ def init_train_state(
     """
 
     def init():
-        init_key, base_key = jax.random.split(jax.random.PRNGKey(seed))
+        init_key, base_key = seed_keys(seed)
         variables = model.init(init_key, jnp.zeros(example_input.shape, example_input.dtype), train=False)
         params = variables["params"]
         batch_stats = variables.get("batch_stats", {})

@@ -162,7 +162,7 @@ DRIVER = textwrap.dedent(
     if mode == "kill-in-evaluation":
         from ssps_jax.evaluation import verification
 
-        verification.Verifier.evaluate = lambda self, *a, **k: wait_here()
+        verification.TrialEvaluator.evaluate = lambda self, *a, **k: wait_here()
 
     from ssps_jax import cli, train
 

@@ -59,7 +59,7 @@ def _verifier(tmp_path, tiny_model, **kwargs):
     files = _write_files(tmp_path, "test", LENGTHS, seed=1)
     trials = _trial_list(tmp_path / "list_a.txt", files, seed=2)
     embedder = Embedder(lambda v, wave, n: model.apply(v, wave, n), sharding.make_mesh(), 4, 1.5, min_bucket=4000)
-    return verification.Verifier([str(trials)], tmp_path, embedder, **kwargs), files
+    return verification.TrialEvaluator([str(trials)], tmp_path, embedder, **kwargs), files
 
 
 def _unit(x):
@@ -97,7 +97,7 @@ def test_a_bad_test_file_is_named_before_anything_is_embedded(tmp_path, tiny_mod
     (tmp_path / "list.txt").write_text("1 a/good.wav a/bad.wav\n")
     embedder = Embedder(lambda v, wave, n: model.apply(v, wave, n), sharding.make_mesh(), 8)
     with pytest.raises(audio_io.AudioFileError, match=r"bad\.wav: unreadable"):
-        verification.Verifier([str(tmp_path / "list.txt")], tmp_path, embedder)
+        verification.TrialEvaluator([str(tmp_path / "list.txt")], tmp_path, embedder)
 
 
 def _side_stats_reference(x, cohort, top_k):
@@ -156,7 +156,7 @@ def test_cohort_smaller_than_top_k_is_a_config_error(demo_dir):
         train_lib.config_lib.validate(config)
     config.eval.cohort_size = 20000  # valid, but the demo's train CSV has 240 utterances
     with pytest.raises(ConfigError, match=r"config\.eval\.cohort_top_k: 300 exceeds the cohort's 240 utterances"):
-        verification.make_verifier(train_lib.config_lib.resolve_paths(config), None, sharding.make_mesh())
+        verification.make_trial_evaluator(train_lib.config_lib.resolve_paths(config), None, sharding.make_mesh())
     config.eval.score_norm = "z-norm"
     with pytest.raises(ConfigError, match=r"config\.eval\.score_norm: unknown normalisation 'z-norm'"):
         train_lib.config_lib.validate(config)

@@ -8,7 +8,7 @@ so that embedding them is quick on a CPU: the number of utterances and trials
 is what host memory depends on), in VoxCeleb1's layout (1,251 speakers), half
 the trials target, and `cohort` train files for AS-Norm. `run` builds a
 randomly initialised model (configs/demo_simclr.py's ECAPA-TDNN C=128, D=128
-unless --encoder-dim), evaluates through `make_verifier` exactly as training
+unless --encoder-dim), evaluates through `make_trial_evaluator` exactly as training
 and `ssps-jax evaluate` do, and prints the phases and the peak RSS of the
 process (ru_maxrss, its own: it starts no children), beside what the former
 evaluation, which kept every test file's int16 audio in memory, would hold.
@@ -88,20 +88,20 @@ def run(data: Path, encoder_dim: int, batch_size: int, score_norm: str, bootstra
     variables = method.eval_variables(state)
     report = {"devices": f"{mesh.size} x {jax.devices()[0].device_kind}", "encoder_dim": encoder_dim}
     started = time.perf_counter()
-    verifier = verification.make_verifier(config, model, mesh)
+    evaluator = verification.make_trial_evaluator(config, model, mesh)
     report["phases_s"] = {"parse lists, read headers": time.perf_counter() - started}
     report["rss_after_setup_gib"] = _rss_gib()
-    results, scores = verifier.evaluate(variables)
-    report["phases_s"].update(verifier.timings)
+    results, scores = evaluator.evaluate(variables)
+    report["phases_s"].update(evaluator.timings)
     started = time.perf_counter()
-    verifier.write(data / "eval_out", results, scores)
+    evaluator.write(data / "eval_out", results, scores)
     report["phases_s"]["write metrics and scores"] = time.perf_counter() - started
     report["total_s"] = sum(report["phases_s"].values())
     report["peak_rss_gib"] = _rss_gib()
-    samples = sum(verifier.lengths)
-    report["utterances"], report["trials"] = len(verifier.files), sum(len(t.labels) for t in verifier.lists)
-    report["cohort"] = len(verifier.cohort.files) if verifier.cohort else 0
-    report["old_path_audio_gib"] = 2 * samples / 2**30  # int16 audio the former Verifier kept
+    samples = sum(evaluator.lengths)
+    report["utterances"], report["trials"] = len(evaluator.files), sum(len(t.labels) for t in evaluator.lists)
+    report["cohort"] = len(evaluator.cohort.files) if evaluator.cohort else 0
+    report["old_path_audio_gib"] = 2 * samples / 2**30  # int16 audio the former trial evaluator kept
     report["old_path_audio_gib_real_vox1_e"] = 2 * VOX1_E_UTTERANCES * VOX1_E_MEAN_SECONDS * 16000 / 2**30
     report["results"] = results
     return report

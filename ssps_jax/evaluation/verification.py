@@ -8,7 +8,7 @@ confidence interval (scoring.bootstrap_metrics: trials resampled with
 replacement within each class).
 
 Streaming (VoxCeleb1-E: 145,160 utterances, 579,818 trials, in bounded host
-memory). Building a Verifier parses the trial lists into index pairs into one
+memory). Building a TrialEvaluator parses the trial lists into index pairs into one
 table of unique files (`files`), checks that every file exists (one error
 listing the missing ones) and takes each file's length from its header
 (libsndfile; decoding the file when the header cannot tell, e.g. m4a), so a
@@ -65,7 +65,7 @@ def score_norms(value: str) -> tuple[str, ...]:
 @dataclasses.dataclass(frozen=True)
 class TrialList:
     name: str
-    pairs: np.ndarray  # (T, 2) int32: rows (enrol, test) into the Verifier's `files`
+    pairs: np.ndarray  # (T, 2) int32: rows (enrol, test) into the TrialEvaluator's `files`
     labels: np.ndarray  # (T,) int8: 1 target, 0 non-target
 
 
@@ -130,7 +130,7 @@ class Cohort:
         return samples[start : start + self.crop]
 
 
-class Verifier:
+class TrialEvaluator:
     def __init__(
         self,
         trial_paths: list[str],
@@ -290,7 +290,7 @@ def embed_fn(model):
     return embed
 
 
-def make_verifier(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Verifier | None:
+def make_trial_evaluator(config: ml_collections.ConfigDict, model, mesh: Mesh) -> TrialEvaluator | None:
     """Evaluation of `model` (its `embed`) on config.eval.trials, or None when there are none.
 
     `config`'s paths must be resolved (config.resolve_paths). Reads every test file's header, and the
@@ -315,7 +315,7 @@ def make_verifier(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Verif
                 f"config.eval.cohort_top_k: {e.cohort_top_k} exceeds the cohort's {len(cohort.files)} utterances "
                 f"({config.data.train_csv} has no more)"
             )
-    return Verifier(
+    return TrialEvaluator(
         list(e.trials),
         e.base_dir or config.data.base_dir,
         embedder,

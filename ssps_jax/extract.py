@@ -1,0 +1,152 @@
+"""`ssps-jax extract`: the embeddings of a list of recordings, in one .npz, resumably.
+
+The output holds `embeddings` (N, D) float32, L2-normalised (the cosine of two
+rows is evaluation's raw score), `ids` (N,) the files as listed, `step` the
+checkpoint used and `workdir`. Embedding is evaluation's: whole recordings in
+padding-masked length buckets (ssps_jax/evaluation/embedding.py), audio read in
+a thread pool one batch ahead and dropped once embedded.
+
+Resumable (VoxCeleb2 dev is 1.09 M files): the list is embedded in parts of
+`part_files` files, each saved to <out>.parts/<i>.npy when whole (renamed into
+place); a rerun of the same command embeds only the missing parts, then all
+parts are joined into <out> and the folder removed. The folder records what it
+was made from (workdir, checkpoint step, the list): a rerun with anything else
+is refused rather than mixing two models' embeddings.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from data_pipelines import audio_io
+from data_pipelines.errors import InputError
+from data_pipelines.manifests import read_trials
+from ssps_jax.evaluation.embedding import l2_normalise
+from ssps_jax.evaluation.verification import MIN_SECONDS, audio_length
+from ssps_jax.inference import TrainedModel, inference_config
+from ssps_jax.observe import duration, say
+
+PART_FILES = 10000
+_KEY = "source.json"  # in the parts folder: what its parts were made from
+
+
+def read_file_list(path: str | Path, trials: bool = False) -> list[str]:
+    """The files of a train/test CSV (its `File` column), of a VoxCeleb-format trial list (`trials`: its enrol and
+    test files, in order of first appearance) or of a text list (one path per line; blank and # lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file list not found")
+    if trials:
+        files = list(dict.fromkeys(f for t in read_trials(path) for f in (t.enrol, t.test)))
+    elif path.suffix == ".csv":
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if "File" not in (reader.fieldnames or []):
+                raise InputError(f"{path}: no File column (columns: {', '.join(reader.fieldnames or [])})")
+            files = [row["File"] for row in reader]
+    else:
+        files = [line.strip() for line in path.read_text().splitlines()]
+        files = [f for f in files if f and not f.startswith("#")]
+    if not files:
+        raise InputError(f"{path}: lists no file")
+    if len(set(files)) != len(files):
+        twice = sorted({f for f in files if files.count(f) > 1}) if len(files) < 50000 else ["..."]
+        raise InputError(f"{path}: lists some files more than once, e.g. {twice[0]}")
+    return files
+
+
+def extract(
+    workdir: str | Path,
+    files: list[str],
+    out: str | Path,
+    base_dir: str | Path | None = None,
+    step: int | None = None,
+    part_files: int = PART_FILES,
+    read_threads: int = 8,
+) -> Path:
+    """Embeds `files` with checkpoint `step` of `workdir` (default the newest); writes `out`.
+
+    Relative files are under `base_dir`, by default the folder evaluation reads (eval.base_dir or data.base_dir).
+    """
+    config = inference_config(workdir)
+    out, base_dir = Path(out), Path(base_dir or config.eval.base_dir or config.data.base_dir)
+    if not out.parent.is_dir():
+        raise InputError(f"--out: folder {out.parent} does not exist")
+    paths = [base_dir / f for f in files]
+    if missing := [str(p) for p in paths if not p.is_file()]:  # fail before restoring or embedding anything
+        raise InputError(f"{len(missing)} of the {len(files)} listed files are missing, e.g. {missing[0]}")
+    trained = TrainedModel.from_workdir(workdir, step, config=config)
+    parts = out.with_name(out.name + ".parts")
+    starts = list(range(0, len(files), part_files))
+    _claim(parts, {"workdir": str(Path(workdir).resolve()), "step": trained.step, "files": _digest(files)})
+    todo = [i for i in range(len(starts)) if not (parts / f"{i}.npy").is_file()]
+    if len(todo) < len(starts):
+        say(f"resuming {out}: {len(starts) - len(todo)} of {len(starts)} parts already embedded")
+    embedder = trained.embedder()
+    started, done = time.perf_counter(), 0
+    total = sum(min(part_files, len(files) - starts[i]) for i in todo)
+    for i in todo:
+        chunk = paths[starts[i] : starts[i] + part_files]
+        with concurrent.futures.ThreadPoolExecutor(read_threads) as pool:
+            lengths = list(pool.map(audio_length, chunk))
+        emb = embedder.embed(
+            trained.variables,
+            lengths,
+            lambda j, chunk=chunk: audio_io.read_audio(chunk[j], min_seconds=MIN_SECONDS).samples,
+            read_threads,
+            names=lambda j, chunk=chunk: str(chunk[j]),
+        )
+        if jax.process_index() == 0:
+            _save_atomic(parts / f"{i}.npy", l2_normalise(emb).astype(np.float32))
+        done += len(chunk)
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        say(
+            f"part {i + 1}/{len(starts)}  {done}/{total} files  {rate:.1f} files/s  "
+            f"ETA {duration((total - done) / max(rate, 1e-9))}"
+        )
+    if jax.process_index() == 0:
+        embeddings = np.concatenate([np.load(parts / f"{i}.npy") for i in range(len(starts))])
+        tmp = out.with_name(out.name + ".tmp.npz")
+        np.savez(
+            tmp, embeddings=embeddings, ids=np.array(files), step=trained.step, workdir=str(Path(workdir).resolve())
+        )
+        os.replace(tmp, out)
+        shutil.rmtree(parts)
+    say(f"{len(files)} embeddings (dim {trained.config.model.encoder_dim}, step {trained.step}) in {out}")
+    return out
+
+
+def _claim(parts: Path, source: dict) -> None:
+    """Creates the parts folder, or checks that an existing one was made from the same model and list."""
+    key = parts / _KEY
+    if key.is_file():
+        found = json.loads(key.read_text())
+        if found != source:
+            differs = ", ".join(k for k in source if found.get(k) != source[k])
+            raise InputError(
+                f"{parts} holds parts of another extraction (its {differs} differ): delete it, or choose another --out"
+            )
+        return
+    if jax.process_index() == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+        key.write_text(json.dumps(source) + "\n")
+
+
+def _digest(files: list[str]) -> str:
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
