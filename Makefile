@@ -1,7 +1,9 @@
 # One command to run the tests, one to run the demo. Both create and fill the
-# virtual environment .venv on first use (a machine with Python 3.10+ is enough).
+# virtual environment .venv on first use (a machine with Python 3.11+ is enough: jax 0.10 needs it).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# The ONNX export's converter, without its dependencies: they would downgrade orbax-checkpoint (see setup.py's EXPORT).
+JAX2ONNX ?= jax2onnx==0.17.1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -13,13 +15,15 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # torch is installed first, pinned to the CPU build these machines carry (a bare
 # "torch" would pull the newest CUDA build, several GB); the test extra's range accepts it.
 # Then libtpu, for the JAX version installed (jax[tpu]==that version): the TPU tests and
-# `ssps-jax compile` compile for TPU slices on this CPU host.
+# `ssps-jax compile` compile for TPU slices on this CPU host. Last, jax2onnx with --no-deps
+# (setup.py says why; the test extra has what it needs): after it, no install re-checks its pins.
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet "jax[tpu]==$$($(BIN)/python -c 'import jax; print(jax.__version__)')"
+	$(BIN)/python -m pip install --quiet --no-deps "$(JAX2ONNX)"
 	touch $(STAMP)
 
 venv: $(STAMP)

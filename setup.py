@@ -4,6 +4,14 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# ssps_jax/export.py's needs: onnx, onnx-ir and onnxruntime are what jax2onnx converts with and the ONNX
+# export runs in; flatbuffers is jax.export's serialization (StableHLO). jax2onnx itself is not listed:
+# every release from 0.13 on pins orbax-checkpoint < 0.11.37, which would downgrade this project's
+# orbax-checkpoint 0.12, and jax2onnx never imports orbax (nor equinox, dm-pix, huggingface-hub, netron,
+# which it also requires for plugins and tools we do not use). `make venv` installs it with --no-deps:
+#   pip install --no-deps "jax2onnx==0.17.1"
+EXPORT = ["onnx>=1.20.1", "onnx-ir>=0.2.1", "onnxruntime>=1.24.1", "flatbuffers>=24.3"]
+
 setup(
     name="ssps-jax",
     version="0.1.0",
@@ -12,7 +20,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ssps_jax", "ssps_jax.*", "data_pipelines", "data_pipelines.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
         "flax>=0.10",
@@ -36,13 +44,15 @@ setup(
     ],
     extras_require={
         # torch: the PyTorch baseline's equivalence tests (tests/test_torch_baseline.py).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6", "torch>=2.3"],
+        # EXPORT: tests/test_export.py checks both exports against JAX.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6", "torch>=2.3", *EXPORT],
         # libtpu: training on TPU VMs, and `ssps-jax compile` for TPU slices on any host. Installing it
         # pins jax to the libtpu release it pairs with (make test installs jax[tpu]==the installed jax).
         "tpu": ["jax[tpu]>=0.10"],
         "cuda": ["jax[cuda12]>=0.10"],
         "cuda13": ["jax[cuda13]>=0.10"],
         "bench": ["torch>=2.3"],
+        "export": EXPORT,  # plus jax2onnx, installed without its dependencies (above)
     },
     entry_points={"console_scripts": ["ssps-jax=ssps_jax.cli:main"]},
 )
