@@ -135,3 +135,28 @@ def test_extract_refuses_to_mix_extractions_and_names_missing_files(run, demo_di
     with pytest.raises(InputError, match="more than once"):
         extract_lib.read_file_list(listing)
 
+
+def test_exports_through_the_cli_embed_as_the_workdir(run, demo_dir, tmp_path):
+    """`export --format stablehlo` and `--format sslsv` (then import) give the workdir's embeddings."""
+    from ssps_jax.export import load_stablehlo
+    from ssps_jax.sslsv_checkpoint import import_sslsv
+    from ssps_jax.train import load_config
+
+    workdir, scores = run
+    files = [demo_dir / f for f in next(iter(scores["cosine"]))]
+    verifier = Verifier.from_workdir(workdir, normalise=False)
+    expected = verifier.embed(files)
+
+    cli.main(["export", "--workdir", str(workdir), "--format", "stablehlo", "--out", str(tmp_path / "m.stablehlo")])
+    waves = [audio_io.read_audio(f).samples.astype(np.float32) / 32768 for f in files]
+    batch = np.zeros((2, max(map(len, waves))), np.float32)
+    for row, w in zip(batch, waves):
+        row[: len(w)] = w
+    got = load_stablehlo(tmp_path / "m.stablehlo")(batch, np.array([len(w) for w in waves], np.int32))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    cli.main(["export", "--workdir", str(workdir), "--format", "sslsv", "--out", str(tmp_path / "model.pt")])
+    import_sslsv(tmp_path / "model.pt", load_config(workdir), tmp_path / "imported")
+    again = Verifier.from_workdir(tmp_path / "imported", normalise=False)
+    assert again.step == 0
+    np.testing.assert_array_equal(again.embed(files), expected)
