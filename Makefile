@@ -34,13 +34,14 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-# The embedded corpus (demo_data/), then the framework alone, continued with SSPS and
-# without it (the fair baseline), in workdirs/demo_<DEMO>/; prints the comparison table.
-# DEMO=simclr (default) or DEMO=dino. Rerunning resumes.
+# The embedded corpus (demo_data/), then the framework alone, continued with SSPS, without it
+# (the fair baseline) and with oracle positives (the headroom of any positive sampling), in
+# workdirs/demo_<DEMO>/; prints the comparison table. DEMO=simclr (default) or DEMO=dino.
+# Rerunning resumes.
 DEMO ?= simclr
 DEMO_CONFIG := $(if $(filter dino,$(DEMO)),configs/demo_dino_ssps.py,configs/demo_ssps.py)
 demo: $(STAMP)
-	$(BIN)/ssps-jax demo --data demo_data --workdir workdirs/demo_$(DEMO) --config $(DEMO_CONFIG)
+	$(BIN)/ssps-jax demo --data demo_data --workdir workdirs/demo_$(DEMO) --config $(DEMO_CONFIG) --oracle
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

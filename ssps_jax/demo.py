@@ -71,7 +71,8 @@ def _row(workdir: Path, trials: str, which: int, after_step: int = 0) -> dict:
     row.update(eer=e[f"{trials}/cosine/eer"], min_dcf=e[f"{trials}/cosine/min_dcf_0.01"])
     row.update(_intervals(workdir, e["step"], trials))
     sampled = [r for r in records if r["kind"] == "train" and r["step"] > after_step and r.get("ssps/coverage", 0) > 0]
-    for key in ("coverage", "same_speaker", "same_session"):
+    # The label-free cluster cosines go to demo_results.json only (docs/demo_findings.md compares them).
+    for key in ("coverage", "same_speaker", "same_session", "own_cluster_cos", "pseudo_cluster_cos"):
         values = [r[f"ssps/{key}"] for r in sampled if math.isfinite(r.get(f"ssps/{key}", math.nan))]
         row[key] = float(np.mean(values)) if values else math.nan
     clustering = [r for r in records if r["kind"] == "ssps" and r["step"] > after_step]

@@ -247,3 +247,42 @@ def test_cluster_size_cv_against_a_hand_computed_case():
     assert cluster_size_cv(assignment, 4) == pytest.approx(np.sqrt(1.5))
     assert cluster_size_cv(np.array([2, 1, 0]), 3) == 0.0  # equal sizes
     assert np.isnan(cluster_size_cv(np.full(3, -1), 3))
+
+
+def test_label_free_cluster_cosines_average_over_anchors_with_both_clusters():
+    """ssps/own_cluster_cos and ssps/pseudo_cluster_cos on 8 devices == the NumPy means over eligible anchors."""
+    from ssps_jax.ssps import step as ssps_step
+
+    rng = np.random.default_rng(3)
+    assignment = rng.integers(-1, 10, N).astype(np.int32)  # some indices unassigned
+    state = _state(_mesh(), rng.integers(0, N, CAPACITY), assignment)
+    centroids = rng.normal(size=(10, DIM)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    state = state.replace(centroids=jax.device_put(centroids, state.centroids.sharding))
+    anchors = rng.choice(N, G, replace=False).astype(np.int32)
+    y = rng.normal(size=(G, DIM)).astype(np.float32)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    chosen = rng.integers(-1, N, G).astype(np.int32)  # -1: no pseudo-positive (or a centroid)
+    mask = rng.random(G) < 0.8
+
+    def run(state, anchors, y, chosen, mask):
+        sample = sampling.Sample(jnp.zeros((1, anchors.shape[0], DIM)), mask, chosen)
+        return ssps_step._metrics(state, anchors, y, sample, mask, sharding.DATA)
+
+    metrics = jax.jit(
+        jax.shard_map(
+            run,
+            mesh=_mesh(),
+            in_specs=(partition_specs(), *[P(sharding.DATA)] * 4),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )(state, anchors, y, chosen, mask)
+    own, theirs = assignment[anchors], assignment[np.maximum(chosen, 0)]
+    both = mask & (chosen >= 0) & (own >= 0) & (theirs >= 0)
+    assert 0 < both.sum() < G
+    np.testing.assert_allclose(metrics["ssps/own_cluster_cos"], np.mean(np.sum(y * centroids[own], 1)[both]), rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics["ssps/pseudo_cluster_cos"], np.mean(np.sum(y * centroids[theirs], 1)[both]), rtol=1e-5
+    )
+    assert metrics["ssps/coverage"] == pytest.approx(mask.mean())

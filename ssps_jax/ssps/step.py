@@ -46,7 +46,7 @@ def pseudo_positives(
     """
     sample = sampling.sample(queues, index, y_ref, rng, ssps.sampling, axis)
     mask = sample.mask & ssps.sampling_on(step // ssps.steps_per_epoch, queues.clustered_epoch)
-    return lax.stop_gradient(sample.embeddings), mask, _metrics(queues, index, sample, mask, axis)
+    return lax.stop_gradient(sample.embeddings), mask, _metrics(queues, index, y_ref, sample, mask, axis)
 
 
 def enqueue(
@@ -64,11 +64,24 @@ def enqueue(
     )
 
 
-def _metrics(queues: SSPSState, anchors: jax.Array, sample: sampling.Sample, mask: jax.Array, axis: str) -> dict:
-    """Coverage, and how often pseudo-positives share the anchor's speaker / session (diagnostics)."""
+def _metrics(
+    queues: SSPSState, anchors: jax.Array, y_ref: jax.Array, sample: sampling.Sample, mask: jax.Array, axis: str
+) -> dict:
+    """Coverage, how often pseudo-positives share the anchor's speaker / session (labels), and two label-free
+    cosines in the reference space (docs/method.md §5): anchor y^ to the centroid of its own cluster and to the
+    centroid of its pseudo-positive's cluster, averaged over the anchors that have both."""
     replaced = lax.psum(jnp.sum(mask), axis)
     metrics = {"ssps/coverage": replaced / lax.psum(mask.shape[0], axis)}
     found = mask & (sample.index >= 0)
+    own = queues.assignment[anchors]
+    theirs = queues.assignment[jnp.maximum(sample.index, 0)]
+    both = found & (own >= 0) & (theirs >= 0)
+    count = lax.psum(jnp.sum(both), axis)
+    y = y_ref.astype(jnp.float32)
+    for name, cluster in (("own_cluster_cos", own), ("pseudo_cluster_cos", theirs)):
+        cos = jnp.sum(y * queues.centroids[jnp.maximum(cluster, 0)].astype(jnp.float32), axis=-1)
+        total = lax.psum(jnp.sum(jnp.where(both, cos, 0.0)), axis)
+        metrics[f"ssps/{name}"] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
     for name, labels in (("speaker", queues.speaker), ("session", queues.session)):
         known = found & (labels[anchors] >= 0)
         same = known & (labels[anchors] == labels[jnp.maximum(sample.index, 0)])
