@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -50,18 +48,24 @@ def _matrices(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _labels_under(params, module: str, inside: str, outside: str):
+    """A tree like `params` labelling each leaf `inside` if its path passes through `module`, else `outside`."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: inside if module in path else outside for path in flat})
+
+
 def make_optimizer(
     optim: ml_collections.ConfigDict,
     steps_per_epoch: int,
     total_steps: int,
-    frozen_at_start: Callable[[Any], Any] | None = None,
+    frozen_module: str | None = None,
     frozen_epochs: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its schedule (returned separately, for logging).
 
-    `frozen_at_start(params)` -> a bool tree of parameters left untouched
+    The parameters of every module named `frozen_module` are left untouched
     (no update, no weight decay, no momentum) during the first
-    `frozen_epochs` epochs (DINO's last layer in epoch 0).
+    `frozen_epochs` epochs (DINO's `last_layer`, SwAV's `prototypes`).
     """
     schedule = learning_rate_schedule(optim, steps_per_epoch, total_steps)
     parts = []
@@ -77,14 +81,14 @@ def make_optimizer(
         direction = optax.chain(optax.scale_by_adam(), *decay)
     else:  # torch's SGD: d = g + wd p; buf = momentum buf + d
         direction = optax.chain(*decay, optax.trace(decay=optim.momentum))
-    if frozen_at_start is not None and frozen_epochs > 0:
+    if frozen_module is not None and frozen_epochs > 0:
         frozen_steps = frozen_epochs * steps_per_epoch
         direction = optax.multi_transform(
             {
                 "frozen": optax.transforms.conditionally_mask(direction, lambda count: count >= frozen_steps),
                 "free": direction,
             },
-            lambda params: jax.tree.map(lambda f: "frozen" if f else "free", frozen_at_start(params)),
+            lambda params: _labels_under(params, frozen_module, "frozen", "free"),
         )
     parts += [direction, optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts), schedule

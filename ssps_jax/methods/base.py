@@ -124,6 +124,16 @@ class Method(abc.ABC):
         """One step on this device's examples (inside shard_map); `ssps` is None without SSPS."""
 
 
+def projector_dims(section: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """(hidden, output) of a method section's optional projector (`projector`, `projector_*_dim` keys)."""
+    return (section.projector_hidden_dim, section.projector_output_dim) if section.projector else None
+
+
+def output_dim(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict) -> int:
+    """The dimension of what a method with an optional projector compares: the projector's, else the encoder's."""
+    return section.projector_output_dim if section.projector else config.model.encoder_dim
+
+
 def crop_samples(seconds: float) -> int:
     return round(seconds * 16000)
 

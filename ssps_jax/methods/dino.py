@@ -30,7 +30,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
 from jax import lax
 
 from ssps_jax.methods.base import Fail, Method, views_input
@@ -186,12 +185,6 @@ class DINOSettings:
     total_steps: int
 
 
-def _last_layer(params):
-    """True on the head's last layer (frozen during the first epochs)."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: "last_layer" in k for k in flat})
-
-
 class DINOMethod(Method):
     name = "dino"
     summary = "DINO: head sizes, student/teacher temperatures, teacher EMA, frozen last layer"
@@ -253,7 +246,7 @@ class DINOMethod(Method):
     def build_optimizer(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
         """sslsv's optimizer with the head's last layer frozen for `dino.freeze_last_layer_epochs`."""
         return make_optimizer(
-            config.optim, steps_per_epoch, total_steps, _last_layer, config.dino.freeze_last_layer_epochs
+            config.optim, steps_per_epoch, total_steps, "last_layer", config.dino.freeze_last_layer_epochs
         )
 
     def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:

@@ -34,10 +34,9 @@ import ml_collections
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, views_input
 from ssps_jax.methods.dino import ema, teacher_momentum
-from ssps_jax.methods.simclr import SimCLR
-from ssps_jax.models import build_encoder
+from ssps_jax.methods.simclr import SimCLR, siamese_model
 from ssps_jax.sharding import DATA
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.train_step import apply_gradients, reference_and_positives
@@ -123,13 +122,7 @@ class MoCoMethod(Method):
         check_kmeans_positive(config, fail, "moco", "a key")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
-        m = config.moco
-        return SimCLR(
-            encoder=build_encoder(config.model, bn_axis_name),
-            projector_dims=(m.projector_hidden_dim, m.projector_output_dim) if m.projector else None,
-            dtype=jnp.dtype(config.model.dtype),
-            bn_axis_name=bn_axis_name,
-        )
+        return siamese_model(config, config.moco, bn_axis_name)
 
     def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
         return views_input(config.data.crops.frame_seconds)
@@ -144,14 +137,14 @@ class MoCoMethod(Method):
             total_steps=total_steps,
         )
 
-    def _dim(self, config: ml_collections.ConfigDict) -> int:
-        return config.moco.projector_output_dim if config.moco.projector else config.model.encoder_dim
-
     def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict:
         """The key network starts as a copy of the query network; the queue as random unit rows."""
         batch = config.train.global_batch_size
         capacity = config.moco.queue_size // batch * batch
-        return {"momentum": variables, "queue": initial_queue(config.seed, capacity, batch, self._dim(config))}
+        return {
+            "momentum": variables,
+            "queue": initial_queue(config.seed, capacity, batch, output_dim(config, config.moco)),
+        }
 
     def state_specs(self, state: dict) -> dict:
         """The key network replicated; the queue split along its rows like the SSPS queues."""
@@ -159,7 +152,7 @@ class MoCoMethod(Method):
 
     def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
         """Both keys."""
-        return 2, self._dim(config)
+        return 2, output_dim(config, config.moco)
 
     def step(self, state, batch, rng, *, model, tx, settings: MoCoSettings, ssps=None):
         """One MoCo (or MoCo-SSPS) step on this device's examples (call inside shard_map)."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, projector_dims, views_input
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
 from ssps_jax.sharding import DATA
@@ -78,6 +78,18 @@ def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: str
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[rows, positive])
 
 
+def siamese_model(
+    config: ml_collections.ConfigDict, section: ml_collections.ConfigDict, bn_axis_name: str | None = None
+) -> SimCLR:
+    """Encoder + the optional projector of `section` (SimCLR's, VICReg's, MoCo's: the same module tree)."""
+    return SimCLR(
+        encoder=build_encoder(config.model, bn_axis_name),
+        projector_dims=projector_dims(section),
+        dtype=jnp.dtype(config.model.dtype),
+        bn_axis_name=bn_axis_name,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class SimCLRSettings:
     temperature: float
@@ -103,13 +115,7 @@ class SimCLRMethod(Method):
         check_kmeans_positive(config, fail, "simclr", "a projector output")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
-        s = config.simclr
-        return SimCLR(
-            encoder=build_encoder(config.model, bn_axis_name),
-            projector_dims=(s.projector_hidden_dim, s.projector_output_dim) if s.projector else None,
-            dtype=jnp.dtype(config.model.dtype),
-            bn_axis_name=bn_axis_name,
-        )
+        return siamese_model(config, config.simclr, bn_axis_name)
 
     def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
         return views_input(config.data.crops.frame_seconds)
@@ -118,8 +124,7 @@ class SimCLRMethod(Method):
         return SimCLRSettings(temperature=config.simclr.temperature)
 
     def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
-        s = config.simclr
-        return 1, s.projector_output_dim if s.projector else config.model.encoder_dim
+        return 1, output_dim(config, config.simclr)
 
     def step(self, state, batch, rng, *, model, tx, settings: SimCLRSettings, ssps=None):
         """One SimCLR (or SimCLR-SSPS) step on this device's examples (call inside shard_map)."""

@@ -29,11 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, projector_dims, views_input
 from ssps_jax.methods.dino import WeightNormDense
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
@@ -124,12 +123,6 @@ class SwAVSettings:
     steps_per_epoch: int
 
 
-def _prototypes(params):
-    """True on the prototypes (frozen during the first epochs)."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: "prototypes" in k for k in flat})
-
-
 class SwAVMethod(Method):
     name = "swav"
     summary = "SwAV: prototypes, Sinkhorn-Knopp, temperature, feature queue, optional projector"
@@ -169,7 +162,7 @@ class SwAVMethod(Method):
         s = config.swav
         return SwAV(
             encoder=build_encoder(config.model, bn_axis_name),
-            projector_dims=(s.projector_hidden_dim, s.projector_output_dim) if s.projector else None,
+            projector_dims=projector_dims(s),
             n_prototypes=s.prototypes,
             dtype=jnp.dtype(config.model.dtype),
             bn_axis_name=bn_axis_name,
@@ -178,7 +171,7 @@ class SwAVMethod(Method):
     def build_optimizer(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
         """sslsv's optimizer with the prototypes frozen for `swav.freeze_prototypes_epochs`."""
         return make_optimizer(
-            config.optim, steps_per_epoch, total_steps, _prototypes, config.swav.freeze_prototypes_epochs
+            config.optim, steps_per_epoch, total_steps, "prototypes", config.swav.freeze_prototypes_epochs
         )
 
     def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
@@ -195,20 +188,17 @@ class SwAVMethod(Method):
             steps_per_epoch=steps_per_epoch,
         )
 
-    def _dim(self, config: ml_collections.ConfigDict) -> int:
-        return config.swav.projector_output_dim if config.swav.projector else config.model.encoder_dim
-
     def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict:
         batch = config.train.global_batch_size
         blocks = max(config.swav.queue_size // batch, 1)
-        return {"queue": jnp.zeros((2, blocks, batch, self._dim(config)), jnp.float32)}
+        return {"queue": jnp.zeros((2, blocks, batch, output_dim(config, config.swav)), jnp.float32)}
 
     def state_specs(self, state: dict) -> dict:
         """The feature queue split along its rows, like the SSPS queues."""
         return {"queue": P(None, None, DATA)}
 
     def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
-        return 1, self._dim(config)
+        return 1, output_dim(config, config.swav)
 
     def step(self, state, batch, rng, *, model, tx, settings: SwAVSettings, ssps=None):
         """One SwAV (or SwAV-SSPS) step on this device's examples (call inside shard_map)."""

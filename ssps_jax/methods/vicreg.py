@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, views_input
-from ssps_jax.methods.simclr import SimCLR
-from ssps_jax.models import build_encoder
+from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, views_input
+from ssps_jax.methods.simclr import SimCLR, siamese_model
 from ssps_jax.sharding import DATA
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.train_step import apply_gradients, reference_and_positives
@@ -110,13 +109,7 @@ class VICRegMethod(Method):
         check_kmeans_positive(config, fail, "vicreg", "a projector output")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
-        v = config.vicreg
-        return SimCLR(
-            encoder=build_encoder(config.model, bn_axis_name),
-            projector_dims=(v.projector_hidden_dim, v.projector_output_dim) if v.projector else None,
-            dtype=jnp.dtype(config.model.dtype),
-            bn_axis_name=bn_axis_name,
-        )
+        return siamese_model(config, config.vicreg, bn_axis_name)
 
     def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
         return views_input(config.data.crops.frame_seconds)
@@ -126,8 +119,7 @@ class VICRegMethod(Method):
         return VICRegSettings(inv_weight=v.inv_weight, var_weight=v.var_weight, cov_weight=v.cov_weight)
 
     def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
-        v = config.vicreg
-        return 1, v.projector_output_dim if v.projector else config.model.encoder_dim
+        return 1, output_dim(config, config.vicreg)
 
     def step(self, state, batch, rng, *, model, tx, settings: VICRegSettings, ssps=None):
         """One VICReg (or VICReg-SSPS) step on this device's examples (call inside shard_map)."""
