@@ -146,6 +146,7 @@ def remove_staging(staging_dir: Path | str) -> None:
 
 
 def duration(seconds: float) -> str:
+    """`1h05m` or `4m07s`: the ETA format of every progress line."""
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

@@ -31,10 +31,11 @@ import numpy as np
 from data_pipelines import audio_io
 from data_pipelines.errors import InputError
 from data_pipelines.manifests import read_trials
+from data_pipelines.staging import duration
 from ssps_jax.evaluation.embedding import l2_normalise
 from ssps_jax.evaluation.verification import MIN_SECONDS, audio_length
 from ssps_jax.inference import TrainedModel, inference_config
-from ssps_jax.observe import duration, say
+from ssps_jax.observe import say
 
 PART_FILES = 10000
 _KEY = "source.json"  # in the parts folder: what its parts were made from

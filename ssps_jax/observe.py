@@ -16,14 +16,8 @@ from pathlib import Path
 import jax
 from tensorboardX import SummaryWriter
 
+from data_pipelines.staging import duration  # one format for every ETA (data_pipelines has no JAX)
 from ssps_jax import storage
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class MetricWriter:

@@ -377,7 +377,7 @@ def _likely_field(key: str, config) -> str:
     if top.startswith("head") or top == "loss_fn":
         return "dino.head_hidden_dim / head_bottleneck_dim / head_output_dim"
     if top == "prototypes":
-        return "swav.n_prototypes"
+        return "swav.prototypes"
     if rest.startswith("fc."):
         return "model.encoder_dim"
     if config.model.encoder == "resnet34":
