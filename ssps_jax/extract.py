@@ -16,7 +16,7 @@ is refused rather than mixing two models' embeddings.
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import csv
 import hashlib
 import json
@@ -33,7 +33,7 @@ from data_pipelines.errors import InputError
 from data_pipelines.manifests import read_trials
 from data_pipelines.staging import duration
 from ssps_jax.evaluation.embedding import l2_normalise
-from ssps_jax.evaluation.verification import MIN_SECONDS, audio_length
+from ssps_jax.evaluation.verification import MIN_SECONDS, audio_lengths
 from ssps_jax.inference import TrainedModel, inference_config
 from ssps_jax.observe import say
 
@@ -60,9 +60,8 @@ def read_file_list(path: str | Path, trials: bool = False) -> list[str]:
         files = [f for f in files if f and not f.startswith("#")]
     if not files:
         raise InputError(f"{path}: lists no file")
-    if len(set(files)) != len(files):
-        twice = sorted({f for f in files if files.count(f) > 1}) if len(files) < 50000 else ["..."]
-        raise InputError(f"{path}: lists some files more than once, e.g. {twice[0]}")
+    if twice := [f for f, n in collections.Counter(files).items() if n > 1]:
+        raise InputError(f"{path}: lists {len(twice)} file(s) more than once, e.g. {twice[0]}")
     return files
 
 
@@ -98,11 +97,9 @@ def extract(
     total = sum(min(part_files, len(files) - starts[i]) for i in todo)
     for i in todo:
         chunk = paths[starts[i] : starts[i] + part_files]
-        with concurrent.futures.ThreadPoolExecutor(read_threads) as pool:
-            lengths = list(pool.map(audio_length, chunk))
         emb = embedder.embed(
             trained.variables,
-            lengths,
+            audio_lengths(chunk, read_threads),
             lambda j, chunk=chunk: audio_io.read_audio(chunk[j], min_seconds=MIN_SECONDS).samples,
             read_threads,
             names=lambda j, chunk=chunk: str(chunk[j]),

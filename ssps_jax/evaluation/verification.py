@@ -95,6 +95,12 @@ def audio_length(path: Path) -> int:
     return frames
 
 
+def audio_lengths(paths: list[Path], threads: int = 8) -> list[int]:
+    """`audio_length` of every path, read in a thread pool (headers: I/O-bound)."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(audio_length, paths))
+
+
 @dataclasses.dataclass(frozen=True)
 class Cohort:
     """Train utterances whose embeddings score the impostor statistics of S-Norm / AS-Norm."""
@@ -119,8 +125,7 @@ class Cohort:
         """Upper bounds of the cropped lengths: the crop itself (no header read: one bucket), or the whole file's."""
         if self.crop:
             return [self.crop] * len(self.files)
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(audio_length, [self.base_dir / f for f in self.files]))
+        return audio_lengths([self.base_dir / f for f in self.files], threads)
 
     def read(self, i: int) -> np.ndarray:
         samples = audio_io.read_audio(self.base_dir / self.files[i], min_seconds=MIN_SECONDS).samples
@@ -150,8 +155,7 @@ class TrialEvaluator:
         self.base_dir = Path(base_dir)
         self.files, self.lists = read_trial_lists(trial_paths, base_dir)
         self.read_threads = read_threads
-        with concurrent.futures.ThreadPoolExecutor(read_threads) as pool:
-            self.lengths = list(pool.map(audio_length, [self.base_dir / f for f in self.files]))
+        self.lengths = audio_lengths([self.base_dir / f for f in self.files], read_threads)
         self.cohort = cohort
         self.cohort_lengths = cohort.lengths(read_threads) if cohort and normalisations else None
         self.normalisations = tuple(normalisations)
