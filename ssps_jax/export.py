@@ -39,7 +39,9 @@ only here (training and evaluation numerics are untouched):
   * integer `rem` (from floor division of lengths) becomes x - (x / y) * y with
     truncating division, its exact definition (jax2onnx 0.17's integer `rem`
     lowering fails on a symbolic batch).
-`load_onnx` runs the file with onnxruntime.
+`load_onnx` runs the file with onnxruntime. Both loaders check the inputs
+first (the graphs cannot): a length outside [MIN_SECONDS * 16000, L], or rows
+of another L than a fixed-length artefact's, is an InputError naming the row.
 """
 
 from __future__ import annotations
@@ -117,8 +119,11 @@ def load_stablehlo(path: str | Path) -> Callable[[np.ndarray, np.ndarray], np.nd
         raise InputError(f"{path}: not a serialized jax.export artefact ({e})") from e
     call = jax.jit(exported.call)
 
+    fixed = exported.in_avals[0].shape[1]
+    fixed = fixed if isinstance(fixed, int) else None  # a symbolic L is a dimension expression
+
     def embedding(wave, lengths):
-        return np.asarray(call(np.asarray(wave, np.float32), np.asarray(lengths, np.int32)))
+        return np.asarray(call(*_checked(path, wave, lengths, fixed)))
 
     return embedding
 
@@ -168,8 +173,10 @@ def load_onnx(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvide
     except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
         raise InputError(f"{path}: onnxruntime cannot load it ({e})") from e
 
+    fixed = session.get_inputs()[0].shape[1]  # export_onnx fixes L
+
     def embedding(wave, lengths):
-        feeds = dict(zip(INPUT_NAMES, (np.asarray(wave, np.float32), np.asarray(lengths, np.int32))))
+        feeds = dict(zip(INPUT_NAMES, _checked(path, wave, lengths, fixed)))
         return session.run([OUTPUT_NAME], feeds)[0]
 
     return embedding
@@ -326,6 +333,34 @@ def _existing(path: str | Path) -> Path:
     if not path.is_file():
         raise InputError(f"{path}: no such exported model")
     return path
+
+
+def _checked(path: Path, wave, lengths, fixed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(wave, lengths) as the exported function takes them, or an InputError naming the bad shape or row.
+
+    The graph cannot refuse them itself: a length past its row, or under the shortest recording the model
+    embeds, gives an embedding of the padding, silently."""
+    wave, lengths = np.asarray(wave, np.float32), np.asarray(lengths)
+    if wave.ndim != 2:
+        raise InputError(f"{path}: wave must be (batch, samples), got shape {wave.shape}")
+    if fixed is not None and wave.shape[1] != fixed:
+        raise InputError(
+            f"{path}: takes rows of exactly {fixed} samples ({fixed / SAMPLE_RATE:g} s; pad shorter recordings "
+            f"and pass their lengths, crop longer ones), got {wave.shape[1]}"
+        )
+    if lengths.shape != wave.shape[:1] or not np.issubdtype(lengths.dtype, np.integer):
+        raise InputError(
+            f"{path}: lengths must be {wave.shape[0]} integers, one per row, got {lengths.dtype} {lengths.shape}"
+        )
+    low = round(MIN_SECONDS * SAMPLE_RATE)
+    bad = np.flatnonzero((lengths < low) | (lengths > wave.shape[1]))
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(
+            f"{path}: lengths[{row}] = {lengths[row]} is outside [{low}, {wave.shape[1]}] "
+            f"(at least {MIN_SECONDS:g} s, at most the row's samples)"
+        )
+    return wave, lengths.astype(np.int32)
 
 
 def _fixed_length(max_seconds: float) -> int:

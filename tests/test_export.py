@@ -108,6 +108,7 @@ def test_onnx_export_matches_jax(trained, recordings, reference, tmp_path):
     # The batch is symbolic: the shorter recording alone, with other padding, embeds the same.
     alone = run(*_batch(recordings[1:], LENGTH, seed=2))
     assert _max_diff(alone[0], reference[1]) < TOLERANCE
+    _assert_refuses_bad_inputs(run, path, LENGTH)
 
     import onnx
 
@@ -152,8 +153,26 @@ def test_stablehlo_export_matches_jax(trained, recordings, reference, tmp_path):
     assert meta["output"]["shape"] == ["B", reference.shape[1]] and meta["step"] == 7
 
 
+def _assert_refuses_bad_inputs(run, path, length):
+    """Lengths the graph would embed as garbage, and rows of another fixed L, are errors naming the row."""
+    wave = np.zeros((2, length), np.float32)
+    low = round(export.MIN_SECONDS * audio_io.SAMPLE_RATE)
+    for lengths, message in (
+        ([length, length + 1], rf"lengths\[1\] = {length + 1} is outside \[{low}, {length}\]"),
+        ([low - 1, length], rf"lengths\[0\] = {low - 1} is outside"),
+        ([length], "lengths must be 2 integers, one per row"),
+        ([1.5e4, 1.5e4], "lengths must be 2 integers"),
+    ):
+        with pytest.raises(InputError, match=re.escape(path.name) + ".*" + message):
+            run(wave, np.array(lengths))
+    with pytest.raises(InputError, match=rf"takes rows of exactly {length} samples .* got {length - 1}"):
+        run(wave[:, :-1], np.array([low, low], np.int32))
+    assert run(wave, np.array([low, length], np.int32)).shape[0] == 2  # both ends of the range are taken
+
+
 def test_stablehlo_fixed_length(trained, tmp_path):
     path = export.export(trained, tmp_path / "fixed.stablehlo", "stablehlo", max_seconds=MAX_SECONDS)
+    _assert_refuses_bad_inputs(export.load_stablehlo(path), path, LENGTH)
     wave, lengths = jax.export.deserialize(bytearray(path.read_bytes())).in_avals
     assert wave.shape[1] == LENGTH and lengths.shape == wave.shape[:1]
     assert json.loads(export.metadata_path(path).read_text())["inputs"]["wave"]["shape"] == ["B", LENGTH]
