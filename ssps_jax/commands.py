@@ -173,6 +173,8 @@ def prepare_demo(args: argparse.Namespace) -> None:
             "utterances": args.utterances,
             "min_seconds": args.min_seconds,
             "max_seconds": args.max_seconds,
+            "channels": args.channels,
+            "session_drift": args.session_drift,
         }.items()
         if v is not None
     }

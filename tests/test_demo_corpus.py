@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import SMALL_CORPUS
+from scipy import signal
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_curve
 from sklearn.preprocessing import StandardScaler
 
 from data_pipelines import manifests
-from data_pipelines.demo_corpus import corpus
+from data_pipelines.demo_corpus import channel, corpus, voice
+from data_pipelines.errors import InputError
 from ssps_jax import cli
 
 
@@ -64,6 +66,37 @@ def test_default_size_and_scale():
     grown = spec.scaled(2.5)
     assert (grown.train_speakers, grown.test_speakers) == (150, 50)
     assert dataclasses.replace(grown, train_speakers=spec.train_speakers, test_speakers=spec.test_speakers) == spec
+
+
+def _spectral_distortion(clean, recorded):
+    """Mean |dB difference| of the Welch spectra, the overall gain taken out."""
+    _, a = signal.welch(clean, voice.SAMPLE_RATE, nperseg=512)
+    _, b = signal.welch(recorded, voice.SAMPLE_RATE, nperseg=512)
+    d = 10 * np.log10(b + 1e-12) - 10 * np.log10(a + 1e-12)
+    return float(np.mean(np.abs(d - d.mean())))
+
+
+def test_mild_channels_colour_speech_less():
+    """channel.milder keeps a recording condition (room, noise draws) but changes the speech less, every time."""
+    rng = np.random.default_rng(0)
+    speech = voice.synthesize(voice.sample_voice(rng), rng, 2.0)
+    for k in range(8):
+        drawn = channel.sample_channel(np.random.default_rng([1, k]))
+        default, mild = (
+            _spectral_distortion(speech, channel.apply_channel(speech, c, np.random.default_rng(k)))
+            for c in (drawn, channel.milder(drawn))
+        )
+        assert mild < default, (k, mild, default)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"channels": "loud"}, "channels must be one of default, mild, got 'loud'"), ({"session_drift": -1.0}, "-1.0")],
+)
+def test_bad_regime_is_a_clear_error(tmp_path, change, message):
+    with pytest.raises(InputError, match=message):
+        corpus.write_demo_corpus(tmp_path, dataclasses.replace(SMALL_CORPUS, **change))
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_layout(demo_dir):

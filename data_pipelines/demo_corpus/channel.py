@@ -84,6 +84,25 @@ def sample_channel(rng: np.random.Generator) -> Channel:
     )
 
 
+def milder(channel: Channel) -> Channel:
+    """The same recording condition, gentler (the corpus's `channels = "mild"`, a regime probe).
+
+    EQ and noise colouring at 40% of their dB gains, no saturation, SNR mapped
+    from [5, 30] to [10, 30] dB, band limits opened to at least 200 Hz - 5 kHz.
+    It transforms a drawn channel rather than drawing differently, so a mild
+    corpus uses the same random draws as the default one with the same seed.
+    """
+    return dataclasses.replace(
+        channel,
+        eq=channel.eq * np.array([1.0, 0.4, 1.0]),
+        noise_eq=channel.noise_eq * np.array([1.0, 0.4, 1.0]),
+        drive=0.0,
+        snr_db=10.0 + (channel.snr_db - 5.0) * 0.8,
+        highpass_hz=min(channel.highpass_hz, 200.0),
+        lowpass_hz=max(channel.lowpass_hz, 5000.0),
+    )
+
+
 def _bands_db(freqs: np.ndarray, bands: np.ndarray) -> np.ndarray:
     """Sum of Gaussian bumps on a log-frequency axis, in dB."""
     octaves = np.log2(np.maximum(freqs, 1.0)[:, None] / bands[None, :, 0])

@@ -39,6 +39,7 @@ _TEST_SPEAKER_OFFSET = 100_000  # keeps test voices independent of the train siz
 TRAIN_CSV = "demo_train.csv"
 TEST_CSV = "demo_test.csv"
 TRIALS = "demo_trials.txt"
+CHANNELS = ("default", "mild")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,10 @@ class DemoCorpusSpec:
     background_files: int = 6  # per MUSAN category
     background_seconds: float = 8.0  # sslsv splits MUSAN into 8 s files
     rirs_per_room: int = 4
+    # Regime probes (docs/demo_findings.md): "mild" passes every session's channel through channel.milder;
+    # session_drift scales how far a speaker's voice moves between sessions (Voice.with_state's spread).
+    channels: str = "default"
+    session_drift: float = 1.0
 
     def scaled(self, scale: float) -> DemoCorpusSpec:
         """The same corpus with `scale` times as many train and test speakers."""
@@ -72,6 +77,10 @@ class DemoCorpusSpec:
             raise InputError(f"test_speakers must be >= 2 for non-target trials, got {self.test_speakers}")
         if self.sessions < 2:
             raise InputError(f"sessions must be >= 2 for cross-session trials, got {self.sessions}")
+        if self.channels not in CHANNELS:
+            raise InputError(f"channels must be one of {', '.join(CHANNELS)}, got {self.channels!r}")
+        if not self.session_drift >= 0:  # also NaN
+            raise InputError(f"session_drift must be >= 0, got {self.session_drift}")
         if not 0 < self.min_seconds <= self.max_seconds:
             raise InputError(f"need 0 < min_seconds <= max_seconds, got {self.min_seconds}, {self.max_seconds}")
 
@@ -93,7 +102,9 @@ def _write_speaker(spec: DemoCorpusSpec, out: Path, speaker: str, number: int) -
         session_rng = _rng(spec, 1, number, s)
         session = _session_id(session_rng)
         channel = channel_lib.sample_channel(session_rng)
-        session_voice = voice.with_state(session_rng, spread=1.0)
+        if spec.channels == "mild":
+            channel = channel_lib.milder(channel)
+        session_voice = voice.with_state(session_rng, spread=spec.session_drift)
         for u in range(spec.utterances):
             rng = _rng(spec, 2, number, s, u)
             seconds = rng.uniform(spec.min_seconds, spec.max_seconds)
