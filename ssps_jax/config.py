@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
         # kmeans-repr (SSPS-Clustering) | kmeans (centroid) | knn (SSPS-NN) | oracle: a diagnostic, not a
         # method -- the anchor's own speaker from another session, by the index file's labels (the headroom)
         "sampling": "kmeans-repr",
+        # oracle only: the share of anchors given a right positive; the others get a row of another speaker,
+        # uniformly (what the pseudo-labelling's mistakes cost: docs/demo_findings.md)
+        "oracle_purity": 1.0,
         "pos_queue_size": 25000,  # Q' capacity, rounded down to a multiple of the global batch
         "kmeans_clusters": 25000,  # K
         "kmeans_iterations": 10,
@@ -385,3 +388,7 @@ def _validate_ssps(config: ml_collections.ConfigDict) -> None:
             _fail("ssps.intra_sampling_prob", "only 'uniform' is supported for the clustering variants")
     elif s.sampling == "knn" and s.intra_sampling_size < 1:
         _fail("ssps.intra_sampling_size", f"must be >= 1, got {s.intra_sampling_size}")
+    if not 0 <= s.oracle_purity <= 1:  # also NaN
+        _fail("ssps.oracle_purity", f"must be in [0, 1], got {s.oracle_purity}")
+    if s.oracle_purity != 1 and s.sampling != "oracle":
+        _fail("ssps.oracle_purity", f"only oracle sampling has a purity to set (ssps.sampling is {s.sampling!r})")

@@ -108,3 +108,39 @@ def test_oracle_is_refused_without_labels(demo_dir):
     speaker = np.arange(64, dtype=np.int32) % 16
     with pytest.raises(ConfigError, match=r"config\.ssps\.sampling: oracle .* lists no Session for any"):
         build(config, mesh, 64, labels=(speaker, np.full(64, -1, np.int32)))
+
+
+def test_oracle_purity_gives_right_rows_at_its_rate_and_other_speakers_otherwise():
+    """oracle_purity p: each anchor draws a right row with probability p, else a row of another speaker."""
+    rng = np.random.default_rng(4)
+    speaker, session = _labels(rng)
+    pos_index = rng.choice(N, CAPACITY, replace=False)
+    state = _labelled(sharding.make_mesh(), pos_index, speaker, session)
+    anchors = rng.choice(np.arange(4, N), G, replace=False).astype(np.int32)
+    y = np.zeros((G, DIM), np.float32)
+    for purity in (0.0, 0.3):
+        run = _sampler(sharding.make_mesh(), sampling.SamplingConfig("oracle", oracle_purity=purity))
+        right = drawn = 0
+        for seed in range(40):
+            row, _, mask = map(np.asarray, run(state, anchors, y, jax.random.PRNGKey(seed)))
+            for b in np.flatnonzero(mask):
+                chosen = pos_index[row[b]]
+                is_right = row[b] in _candidates(pos_index, speaker, session, anchors[b])
+                assert is_right or (speaker[chosen] >= 0 and speaker[chosen] != speaker[anchors[b]])
+                right += is_right
+                drawn += 1
+        assert drawn > 0.9 * 40 * G
+        assert stats.binomtest(right, drawn, purity).pvalue > 1e-3, (purity, right, drawn)
+
+
+@pytest.mark.parametrize(
+    "sampling_name, purity, message",
+    [("oracle", 1.5, r"oracle_purity: must be in \[0, 1\], got 1.5"), ("kmeans-repr", 0.5, "only oracle sampling")],
+)
+def test_bad_oracle_purity_is_refused(demo_dir, sampling_name, purity, message):
+    config = tiny_method_config(demo_dir, "simclr")
+    config.ssps.enabled = True
+    config.ssps.sampling = sampling_name
+    config.ssps.oracle_purity = purity
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(config, device_count=8)

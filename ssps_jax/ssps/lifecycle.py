@@ -42,6 +42,7 @@ def sampling_config(s: ml_collections.ConfigDict) -> sampling.SamplingConfig:
         intra_size=s.intra_sampling_size,
         intra_exp=s.intra_sampling_prob == "exp",
         intra_lambda=s.intra_sampling_lambda,
+        oracle_purity=s.oracle_purity,
     )
 
 

@@ -24,7 +24,10 @@ oracle (a diagnostic, not a method)
   candidates = positive-queue rows whose speaker label is the anchor's and
   whose session label differs (labels from the index file, SSPSState.speaker
   / session); one drawn uniformly over all devices, exactly as kmeans-repr
-  draws within c*. It measures the headroom of any positive sampling.
+  draws within c*. It measures the headroom of any positive sampling. With
+  oracle_purity p < 1, an anchor draws a right positive with probability p and
+  otherwise a labelled row of another speaker, uniformly: an SSPS whose
+  pseudo-labels are right p of the time, to find the p that pays off.
 Anchors without cluster or candidate keep their ordinary positive (mask False).
 """
 
@@ -51,6 +54,7 @@ class SamplingConfig:
     intra_size: int = 1  # M for knn: nearest queue rows to draw from
     intra_exp: bool = False
     intra_lambda: float = 0.7
+    oracle_purity: float = 1.0  # oracle: share of anchors drawing a right positive (the others: another speaker)
 
 
 class Sample(NamedTuple):
@@ -117,7 +121,7 @@ def sample_kmeans_repr(state: SSPSState, anchors_local: jax.Array, key: jax.Arra
     return Sample(emb, _local_slice(total > 0, axis, n), index)
 
 
-def sample_oracle(state: SSPSState, anchors_local: jax.Array, key: jax.Array, axis: str):
+def sample_oracle(state: SSPSState, anchors_local: jax.Array, key: jax.Array, axis: str, purity: float = 1.0):
     n = anchors_local.shape[0]
     device = lax.axis_index(axis)
     anchors = lax.all_gather(anchors_local, axis, tiled=True)  # (G,)
@@ -128,12 +132,14 @@ def sample_oracle(state: SSPSState, anchors_local: jax.Array, key: jax.Array, ax
     # session: the anchor's own row (same session) is never a candidate; unlabelled anchors have none.
     entry_index = state.pos_index.reshape(-1)
     safe = jnp.maximum(entry_index, 0)
-    match = (
-        (entry_index[None, :] >= 0)
-        & (speaker[:, None] >= 0)
-        & (state.speaker[safe][None, :] == speaker[:, None])
-        & (state.session[safe][None, :] != session[:, None])
-    )
+    labelled = (entry_index[None, :] >= 0) & (speaker[:, None] >= 0) & (state.speaker[safe][None, :] >= 0)
+    same_speaker = state.speaker[safe][None, :] == speaker[:, None]
+    right = same_speaker & (state.session[safe][None, :] != session[:, None])
+    if purity < 1:  # a static choice: the default program is the plain oracle's
+        wrong = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)))(keys) >= purity
+        match = labelled & jnp.where(wrong[:, None], ~same_speaker, right)
+    else:
+        match = labelled & right
     # Candidates are ranked in queue-position order (block, then global row), so a draw does not depend
     # on how the rows are split over devices: gather every (device, block) count, offset this device's.
     blocks = state.pos_index.shape[0]
@@ -203,5 +209,5 @@ def sample(state: SSPSState, anchors_local, y_ref_local, key, cfg: SamplingConfi
     if cfg.method == "kmeans":
         return sample_kmeans_centroid(state, anchors_local, key, cfg, axis)
     if cfg.method == "oracle":
-        return sample_oracle(state, anchors_local, key, axis)
+        return sample_oracle(state, anchors_local, key, axis, cfg.oracle_purity)
     return sample_knn(state, anchors_local, y_ref_local, key, cfg, axis)
