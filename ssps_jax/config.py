@@ -81,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
         "decay_rate": 0.95,
         "decay_every_epochs": 5,
         "min_learning_rate": 1e-5,  # cosine schedules
+        # From this epoch on, the schedule as if it had started from learning_rate x lr_scale (0: never):
+        # e.g. a gentler rate once SSPS starts (docs/demo_findings.md). The fair baseline needs the same.
+        "lr_scale_from_epoch": 0,
+        "lr_scale": 1.0,
         "warmup_epochs": 10,  # warmup_cosine
         "weight_decay": 0.0,  # L2 added to the gradient, like torch's Adam/SGD weight_decay
         "momentum": 0.9,  # sgd
@@ -308,7 +312,16 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
     o = config.optim
     if o.learning_rate <= 0:
         _fail("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
-    for key in ("weight_decay", "clip_grad_norm", "clip_grad_per_param", "min_learning_rate", "warmup_epochs"):
+    if not o.lr_scale > 0:  # also NaN
+        _fail("optim.lr_scale", f"must be > 0, got {o.lr_scale}")
+    for key in (
+        "weight_decay",
+        "clip_grad_norm",
+        "clip_grad_per_param",
+        "min_learning_rate",
+        "warmup_epochs",
+        "lr_scale_from_epoch",
+    ):
         if o[key] < 0:
             _fail(f"optim.{key}", f"must be >= 0, got {o[key]}")
 

@@ -10,7 +10,17 @@ from flax import traverse_util
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    lr = optim.learning_rate
+    schedule = _schedule(optim, optim.learning_rate, steps_per_epoch, total_steps)
+    if not optim.lr_scale_from_epoch or optim.lr_scale == 1:
+        return schedule
+    # The same schedule from a scaled peak, at the same absolute steps (so a step schedule keeps its decay
+    # count): a continuation at learning_rate x lr_scale computes exactly these rates.
+    scaled = _schedule(optim, optim.learning_rate * optim.lr_scale, steps_per_epoch, total_steps)
+    boundary = optim.lr_scale_from_epoch * steps_per_epoch
+    return lambda step: jnp.where(step < boundary, schedule(step), scaled(step))
+
+
+def _schedule(optim: ml_collections.ConfigDict, lr: float, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     if optim.schedule == "step":  # sslsv's default: lr x decay_rate every decay_every_epochs
         return optax.exponential_decay(
             lr, transition_steps=optim.decay_every_epochs * steps_per_epoch, decay_rate=optim.decay_rate, staircase=True
