@@ -365,10 +365,12 @@ def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
         ("utterances", int),
         ("min-seconds", float),
         ("max-seconds", float),
-        ("session-drift", float),
     ):
         p.add_argument(f"--{name}", type=kind, default=None, help="override the (scaled) default")
-    p.add_argument("--channels", default=None, help="default | mild (gentler recording conditions)")
+    p.add_argument("--channels", default=None, help="default | mild (gentler recording conditions; a regime probe)")
+    p.add_argument(
+        "--session-drift", type=float, default=None, help="how far a voice moves between sessions (default 1.0)"
+    )
 
     p = command("make-csv", commands.make_csv, "write File,Speaker,Session for a <speaker>/<session>/<utt> tree")
     p.add_argument("root", help="e.g. data/voxceleb2")
