@@ -55,6 +55,7 @@ from ssps_jax import hardware, sharding
 from ssps_jax.build import Run, build
 from ssps_jax.evaluation.embedding import Embedder, bucket_lengths
 from ssps_jax.evaluation.verification import embed_fn
+from ssps_jax.ssps import sampling
 
 PROGRAMS = ("plain", "ssps", "cluster", "embed")
 ARGUMENT_PARTS = ("parameters", "optimizer", "ssps", "batch", "other")
@@ -323,7 +324,7 @@ def run_roofline_seconds(report: Report) -> float | None:
     if c["ssps"] is None:
         return by_name["plain step"] * per_epoch * epochs if "plain step" in by_name else None
     start = c["ssps"]["start_epoch"]
-    clustered = c["ssps"]["sampling"] != "knn"
+    clustered = c["ssps"]["sampling"] in sampling.CLUSTERED
     needed = ["plain step", "SSPS step"] + (["clustering"] if clustered else [])
     if any(n not in by_name for n in needed):
         return None

@@ -137,8 +137,9 @@ def test_whole_run_roofline_counts_plain_and_ssps_epochs_and_one_clustering_per_
     )
     # Epochs 0-1 plain (20 steps), 2-4 with the queues (30 steps), clustering at the start of epochs 3 and 4.
     assert aot.run_roofline_seconds(report) == 20 * 1.0 + 30 * 2.0 + 2 * 7.0
-    knn = dataclasses.replace(report, config={**report.config, "ssps": {"start_epoch": 3, "sampling": "knn"}})
-    assert aot.run_roofline_seconds(knn) == 20 * 1.0 + 30 * 2.0
+    for unclustered in ("knn", "oracle"):  # no k-means to count
+        config = {**report.config, "ssps": {"start_epoch": 3, "sampling": unclustered}}
+        assert aot.run_roofline_seconds(dataclasses.replace(report, config=config)) == 20 * 1.0 + 30 * 2.0
 
 
 def test_compile_command_prints_the_per_device_table(tmp_path, capsys):

@@ -79,7 +79,7 @@ class SSPS:
     @property
     def clustered(self) -> bool:
         """Whether pseudo-positives come from a clustering (kmeans-repr, kmeans), not nearest rows or labels."""
-        return self.sampling.method in ("kmeans-repr", "kmeans")
+        return self.sampling.method in sampling.CLUSTERED
 
     # -- the schedule --------------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from jax import lax
 from ssps_jax.ssps.state import SSPSState, local_positions
 
 METHODS = ("kmeans-repr", "kmeans", "knn", "oracle")
+CLUSTERED = ("kmeans-repr", "kmeans")  # the variants that need the epoch-start k-means
 
 
 @dataclasses.dataclass(frozen=True)
