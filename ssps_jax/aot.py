@@ -27,7 +27,11 @@ length bucket. Per program and per device the report gives
               comes out negative on libtpu 0.0.42: not used);
   collectives every all-gather, all-reduce, reduce-scatter, all-to-all and
               collective-permute of the optimised HLO (count, bytes), and
-              the check that no SSPS queue is all-gathered.
+              the check that no SSPS queue is all-gathered;
+  bytes       with `bytes_by_op` (`--bytes-by-op N`), where the bytes
+              accessed go: by part of the model and pass, and the N ops that
+              move the most, each named by the Flax module that made it
+              (ssps_jax/bench/hlo_bytes.py; docs/performance.md).
 A v4 chip shows as two devices (one a TensorCore): HBM, bandwidth and peak
 are split between them.
 """
@@ -52,6 +56,7 @@ from data_pipelines import input_pipeline
 from data_pipelines.errors import ConfigError
 from ssps_jax import config as config_lib
 from ssps_jax import hardware, sharding
+from ssps_jax.bench import hlo_bytes
 from ssps_jax.build import Run, build
 from ssps_jax.evaluation.embedding import Embedder, bucket_lengths
 from ssps_jax.evaluation.verification import embed_fn
@@ -135,6 +140,7 @@ class ProgramReport:
     queue_all_gathers: int  # all-gathers as large as an SSPS queue: must be 0
     compile_seconds: float
     samples: int  # examples one call processes (global batch), 0 for the clustering
+    bytes_account: dict | None = None  # hlo_bytes.summary: bytes by part and pass, the largest ops
 
     @property
     def peak_bytes(self) -> int:
@@ -174,6 +180,7 @@ def compile_config(
     dataset_size: int | None = None,
     programs: tuple[str, ...] = PROGRAMS,
     eval_seconds: float = 20.0,
+    bytes_by_op: int = 0,
     say=print,
 ) -> Report:
     """Builds `config`'s run on the slice `topology` with abstract arrays and compiles `programs` for it."""
@@ -194,7 +201,7 @@ def compile_config(
         f"{len({d.process_index for d in devices})} hosts; {config.method}, {config.model.encoder}, "
         f"{config.model.dtype}, global batch {config.train.global_batch_size}, {size} utterances"
     )
-    reports = compile_programs(run, state, programs, eval_seconds, say)
+    reports = compile_programs(run, state, programs, eval_seconds, say, bytes_by_op)
     return Report(
         topology=topology,
         device_kind=kind,
@@ -209,15 +216,25 @@ def compile_config(
     )
 
 
-def compile_programs(run: Run, state, programs=PROGRAMS, eval_seconds: float = 20.0, say=print) -> list:
-    """Lowers and compiles the `programs` of `run` on its mesh with the abstract `state`: one ProgramReport each."""
+def compile_programs(
+    run: Run, state, programs=PROGRAMS, eval_seconds: float = 20.0, say=print, bytes_by_op: int = 0
+) -> list:
+    """Lowers and compiles the `programs` of `run` on its mesh with the abstract `state`: one ProgramReport each.
+
+    With `bytes_by_op` > 0 each program's byte account is printed (that many ops) and kept in its report.
+    """
     reports = []
     for name, fn, args, parts, samples in _programs(run, state, programs, eval_seconds):
         started = time.perf_counter()
         compiled = fn.lower(*args).compile()
         seconds = time.perf_counter() - started
-        reports.append(_program_report(name, compiled, parts, state, seconds, samples))
+        report = _program_report(name, compiled, parts, state, seconds, samples)
         say(f"  compiled {name} in {seconds:.0f} s")
+        if bytes_by_op > 0:
+            ops = hlo_bytes.account(compiled.as_text())
+            report.bytes_account = hlo_bytes.summary(ops, bytes_by_op)
+            say(f"\n{name}: " + hlo_bytes.render(report.bytes_account, report.bytes_accessed) + "\n")
+        reports.append(report)
     return reports
 
 
@@ -417,15 +434,23 @@ def main(
     dataset_size: int | None,
     eval_seconds: float,
     json_path: str | None,
+    bytes_by_op: int = 0,
 ) -> Report:
-    """`ssps-jax compile`: compiles, prints the table, writes the JSON."""
+    """`ssps-jax compile`: compiles, prints the table (and the byte accounts), writes the JSON."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if batch:
             config.train.global_batch_size = batch
         if dtype:
             config.model.dtype = dtype
-    report = compile_config(config, topology, dataset_size=dataset_size, programs=programs, eval_seconds=eval_seconds)
+    report = compile_config(
+        config,
+        topology,
+        dataset_size=dataset_size,
+        programs=programs,
+        eval_seconds=eval_seconds,
+        bytes_by_op=bytes_by_op,
+    )
     print(table(report), flush=True)
     if json_path:
         with open(json_path, "w") as f:

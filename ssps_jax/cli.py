@@ -272,6 +272,14 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--kmeans-k", type=int, metavar="K", help="k-means clusters (default: the config's; 5000 on CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument("--baseline", choices=("torch",), help="also run the PyTorch reference step and print the ratios")
+    p.add_argument(
+        "--bytes-by-op",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print where the SSPS step's bytes accessed go on this backend: by part of the model and "
+        "pass, and the N ops that move the most (docs/performance.md)",
+    )
     _with_config(p, "configs/simclr_ssps_ecapa.py", "config file; its model, batch, crops and ssps sizes are timed")
 
     p = command("bench-input", commands.bench_input, "examples/s of the grain input pipeline per number of workers")
@@ -347,6 +355,14 @@ def _add_compile(command: Callable[..., argparse.ArgumentParser]) -> None:
         default=20.0,
         metavar="S",
         help="longest test utterance: the embedding buckets compiled go up to it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--bytes-by-op",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print where each program's bytes accessed go: by part of the model and pass, and the N ops "
+        "that move the most (docs/performance.md)",
     )
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     _with_config(p, None, "experiment config file: configs/*.py")

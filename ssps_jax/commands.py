@@ -122,6 +122,7 @@ def bench(args: argparse.Namespace) -> None:
         kmeans_k=args.kmeans_k,
         json_path=args.json,
         baseline=args.baseline,
+        bytes_by_op=args.bytes_by_op,
     )
 
 
@@ -151,6 +152,7 @@ def compile_for_tpu(args: argparse.Namespace) -> None:
         dataset_size=args.dataset_size,
         eval_seconds=args.eval_seconds,
         json_path=args.json,
+        bytes_by_op=args.bytes_by_op,
     )
 
 

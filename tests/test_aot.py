@@ -42,7 +42,7 @@ def _queues(state):
 @pytest.fixture(scope="module", params=["v5e:2x2", "v5e:4x4"])
 def compiled(request, demo_dir):
     config = tiny_ssps_config(demo_dir)
-    report = aot.compile_config(config, request.param, programs=("ssps", "cluster"), say=lambda _: None)
+    report = aot.compile_config(config, request.param, programs=("ssps", "cluster"), bytes_by_op=3, say=lambda _: None)
     devices = aot.topology_devices(request.param)
     _, state = build(config, jax.sharding.Mesh(np.array(devices), (sharding.DATA,)), 200, abstract=True)
     return report, state
@@ -65,12 +65,40 @@ def test_queues_are_split_evenly_over_the_slice(compiled):
     assert sum(step.arguments.values()) <= step.argument_bytes
 
 
-def test_the_argument_split_adds_up_to_what_xla_passes(demo_dir):
+@pytest.fixture(scope="module")
+def cpu_step(demo_dir):
+    """The tiny config's SSPS step compiled for the 8 CPU devices, with its byte account."""
+    run, state = build(tiny_ssps_config(demo_dir), sharding.make_mesh(), 200, abstract=True)
+    (step,) = aot.compile_programs(run, state, ("ssps",), say=lambda _: None, bytes_by_op=3)
+    return step
+
+
+def test_the_argument_split_adds_up_to_what_xla_passes(cpu_step):
     """On the 8 CPU devices (no tile padding): our per-part bytes of the step are XLA's argument bytes exactly.
     (The clustering reads only some of the SSPS state, and jit leaves unread arguments out.)"""
-    run, state = build(tiny_ssps_config(demo_dir), sharding.make_mesh(), 200, abstract=True)
-    (step,) = aot.compile_programs(run, state, ("ssps",), say=lambda _: None)
-    assert sum(step.arguments.values()) == step.argument_bytes
+    assert sum(cpu_step.arguments.values()) == cpu_step.argument_bytes
+
+
+def _check_account(step, low, high):
+    account = step.bytes_account
+    assert low <= account["total"] / step.bytes_accessed <= high  # our sum of the ops against XLA's total
+    assert sum(p["total"] for p in account["by_part"].values()) == account["total"]
+    assert len(account["top_ops"]) == 3 and account["top_ops"][0]["bytes"] >= account["top_ops"][-1]["bytes"]
+    parts = account["by_part"]
+    for part, passes in [("front end", ("forward", "inference")), ("blocks_1", ("forward", "backward"))]:
+        assert all(parts[part].get(p, 0) > 0 for p in passes), part
+    assert parts["optimizer"].get("step", 0) > 0 and parts["SSPS"].get("step", 0) > 0
+    assert parts["BatchNorm"].get("backward", 0) > 0 and parts["asp"].get("inference", 0) > 0
+
+
+def test_byte_account_of_the_cpu_step_is_xlas_total_split_by_model_part(cpu_step):
+    _check_account(cpu_step, 0.98, 1.02)  # the CPU's HLO: no memory tiles, no asynchronous copies
+
+
+def test_byte_account_of_the_tpu_step_is_near_xlas_total(compiled):
+    """XLA:TPU's cost analysis has conventions of its own for asynchronous ops: the account is within 15%."""
+    report, _ = compiled
+    _check_account(next(p for p in report.programs if p.name == "SSPS step"), 0.85, 1.15)
 
 
 def test_step_gathers_negatives_and_averages_gradients_but_never_gathers_a_queue(compiled):

@@ -1,6 +1,7 @@
 """`ssps-jax bench` and `bench-input`: what they count and report; never how fast (no timing assertions)."""
 
 import json
+import os
 import sys
 import types
 
@@ -12,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ssps_jax import hardware, sharding
-from ssps_jax.bench import baseline, flops, report, sizing
+from ssps_jax.bench import baseline, flops, report, sizing, timing
 from ssps_jax.bench import input as bench_input
 from ssps_jax.bench import train as bench
 from ssps_jax.config import base_config
@@ -176,3 +177,44 @@ def test_bench_input_counts_examples_per_second():
         "rows": [row],
     }
     assert "| 0 |" in bench_input.table(result) and "no (" in bench_input.table(result)
+
+
+class _FakeCompiled:
+    """A compiled program whose cost analysis says what a GPU's did (cuDNN convolutions not counted)."""
+
+    def cost_analysis(self):
+        return [{"flops": 1.464e11, "bytes accessed": 2.0e10}]  # older jax: a list of one dict
+
+
+def test_mfu_is_analytic_where_xlas_count_is_implausible(bench_result):
+    counted = flops.counted_flops(_FakeCompiled())
+    assert counted == 1.464e11 and flops.counted_flops(_FakeCompiled(), "bytes accessed") == 2.0e10
+    # The H200 bf16 run of 2026-12-04: 1.527e13 analytic FLOPs per step, 83.4 ms, 989 TFLOP/s.
+    figures = flops.mfu(counted, 1.527e13, 0.0834, 989e12)
+    assert figures["mfu_basis"] == "analytic"
+    assert figures["mfu_reported"] == figures["mfu_analytic"] == pytest.approx(0.185, abs=0.001)
+    assert figures["mfu"] == pytest.approx(0.0018, abs=0.0001)
+    result = dict(bench_result[0], **figures, peak_flops_per_device=989e12, counted_over_analytic=counted / 1.527e13)
+    row = next(line for line in report.table(result).splitlines() if line.startswith("| MFU |"))
+    assert "18.5% of 989 TFLOP/s, from the analytic" in row and "only 1% of them" in row and "cuDNN" in row
+    # A plausible count (a TPU's, or the CPU's: everything is an HLO op) is the one reported.
+    plausible = flops.mfu(1.6e13, 1.527e13, 0.0834, 989e12)
+    assert plausible["mfu_basis"] == "counted" and plausible["mfu_reported"] == plausible["mfu"]
+    result.update(plausible)
+    row = next(line for line in report.table(result).splitlines() if line.startswith("| MFU |"))
+    assert row.startswith("| MFU | 19.4% of 989 TFLOP/s from XLA's FLOP count (18.5% from the analytic one)")
+
+
+def test_xla_messages_go_to_a_file_not_the_screen(tmp_path, capfd):
+    log = tmp_path / "xla.log"
+    with timing.messages_to(str(log)) as messages:
+        os.write(2, b"W hlo_rematerialization.cc] Can't reduce memory use below 9 GiB\nW bfc_allocator.cc] retry\n")
+    os.write(2, b"after\n")
+    assert messages["lines"] == 2 and "rematerialization" in log.read_text()
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_bench_reports_the_bytes_of_its_step(bench_result):
+    result, _ = bench_result
+    assert result["ssps_step_bytes_per_device"] > 0
+    assert "| bytes accessed per step per device (XLA) |" in report.table(result)

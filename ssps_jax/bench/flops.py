@@ -12,6 +12,11 @@ at the shapes they are called with, traced, `matmul_flops`) x 3 for forward +
 backward of the trained views, + 1 forward of the reference crop; everything
 else (mel front end, BatchNorm, loss, optimizer) is in the counted figure
 only, so counted / analytic is a little above 1.
+
+Where the counted figure is implausible -- below half the analytic count,
+which happens on GPUs, where convolutions run as cuDNN custom calls that
+XLA's cost analysis does not count (1% of the analytic count on an H200) --
+the MFU reported is the analytic one, and the report says why (`mfu`).
 """
 
 from __future__ import annotations
@@ -23,14 +28,37 @@ import jax
 import numpy as np
 
 
-def counted_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled program per device, from XLA's cost analysis (None if not reported)."""
+def counted_flops(compiled, key: str = "flops") -> float | None:
+    """FLOPs (or another `key`, e.g. "bytes accessed") of one call of a compiled program per device, from XLA's
+    cost analysis (None if not reported)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
         analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
+    if not analysis or key not in analysis:
         return None
-    return float(analysis["flops"])
+    return float(analysis[key])
+
+
+# Counted FLOPs below this share of the analytic conv + dense count cannot be the whole program.
+PLAUSIBLE_COUNTED_SHARE = 0.5
+
+
+def mfu(counted: float | None, analytic: float, seconds: float, peak: float | None) -> dict:
+    """MFU of a step from both FLOP counts, and which one is reported.
+
+    Returns {"mfu": counted / seconds / peak, "mfu_analytic": analytic / seconds
+    / peak (None without a peak), "mfu_basis": "counted" or "analytic", and
+    "mfu_reported": the MFU of that basis}. The basis is "counted" unless the
+    counted figure is missing or below PLAUSIBLE_COUNTED_SHARE of the analytic one.
+    """
+    plausible = bool(counted) and counted >= PLAUSIBLE_COUNTED_SHARE * analytic
+    out = {
+        "mfu": counted / seconds / peak if counted and peak else None,
+        "mfu_analytic": analytic / seconds / peak if peak else None,
+        "mfu_basis": "counted" if plausible else "analytic",
+    }
+    out["mfu_reported"] = out["mfu"] if plausible else out["mfu_analytic"]
+    return out
 
 
 def matmul_flops(fn, *args) -> int:

@@ -1,10 +1,13 @@
-"""Timing helpers: compile once, then the median of synchronised repeats."""
+"""Timing helpers: compile once, then the median of synchronised repeats; XLA's messages kept off the screen."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -30,3 +33,31 @@ def devices_line() -> str:
     kinds = sorted({d.device_kind for d in devices})
     where = f"{jax.default_backend()}, {jax.process_count()} process(es), jax {jax.__version__}"
     return f"{len(devices)} x {', '.join(kinds)} ({where})"
+
+
+@contextlib.contextmanager
+def messages_to(path: str) -> Iterator[dict]:
+    """Sends everything written to this process's stderr (file descriptor 2) to the file `path` while inside.
+
+    XLA's C++ code logs there directly: a float32 benchmark near the device's
+    memory prints a screen of `hlo_rematerialization` and `bfc_allocator`
+    warnings while it compiles and runs the k-means and the steps, which say
+    nothing about the figures. Yields a dict whose "lines" is set on exit to
+    the number of lines the file gained.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    out = {"lines": 0}
+    with open(path, "ab") as f:
+        start = f.tell()
+        os.dup2(f.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.flush()
+    with open(path, "rb") as f:
+        f.seek(start)
+        out["lines"] = f.read().count(b"\n")

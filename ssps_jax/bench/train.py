@@ -28,8 +28,16 @@ prints the table (bench/report.py):
                final E-step + neighbour table) on the reference queue, at the
                size bench/sizing.py picks. D = the config's encoder_dim.
   memory       bench/memory.py.
-  FLOPs, MFU   bench/flops.py.
+  FLOPs, MFU   bench/flops.py: XLA's count, or the analytic one where XLA's
+               is implausible (GPU convolutions are custom calls it does not count).
+  bytes        XLA's bytes accessed by the SSPS step per device; with
+               `bytes_by_op` (`--bytes-by-op N`), where they go
+               (bench/hlo_bytes.py), printed after the table.
   --baseline   bench/baseline.py.
+
+What XLA's C++ code prints while all this runs (rematerialization and
+allocator warnings near the memory limit) goes to a file, not the screen
+(`timing.messages_to`); one line says how many lines it holds and where.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,14 +55,15 @@ import ml_collections
 import numpy as np
 
 from ssps_jax import methods, sharding
+from ssps_jax.bench import hlo_bytes
 from ssps_jax.bench.baseline import compare, run_baseline
-from ssps_jax.bench.flops import analytic_step_flops, counted_flops
+from ssps_jax.bench.flops import analytic_step_flops, counted_flops, mfu
 from ssps_jax.bench.memory import peak_memory
 from ssps_jax.bench.report import table
 from ssps_jax.bench.sizing import kmeans_size
 from ssps_jax.bench.ssps import Sizes, make_sampling_step
 from ssps_jax.bench.synthetic import full_queues, make_reference_embed, synthetic_batch
-from ssps_jax.bench.timing import devices_line, median_seconds, timed
+from ssps_jax.bench.timing import devices_line, median_seconds, messages_to, timed
 from ssps_jax.build import Run, build
 from ssps_jax.hardware import peak_flops
 
@@ -89,8 +99,13 @@ def run(
     kmeans_k: int | None = None,
     baseline: str | None = None,
     seed: int = 0,
+    bytes_by_op: int = 0,
 ) -> dict:
-    """Runs the whole benchmark on `config` (see bench_config for --batch / --dtype); returns the figures."""
+    """Runs the whole benchmark on `config` (see bench_config for --batch / --dtype); returns the figures.
+
+    With `bytes_by_op`, result["ssps_step_bytes_account"] is the SSPS step's byte account
+    (hlo_bytes.summary, that many ops).
+    """
     config = bench_config(config)
     mesh = sharding.make_mesh()
     s, batch_size = config.ssps, config.train.global_batch_size
@@ -160,6 +175,9 @@ def run(
     keys = [jax.device_put(jax.random.PRNGKey(seed + i), replicated) for i in range(warmup + steps)]
     ssps_compiled, figures = _compile("ssps_step", run.ssps_step, state, batch, keys[0])
     result.update(figures)
+    if bytes_by_op > 0:
+        ops = hlo_bytes.account(ssps_compiled.as_text())
+        result["ssps_step_bytes_account"] = hlo_bytes.summary(ops, bytes_by_op)
     plain_compiled, figures = _compile("plain_step", run.plain_step, state, batch, keys[0])
     result.update(figures)
     embed = make_reference_embed(model, mesh)
@@ -212,8 +230,7 @@ def run(
     result["flops_per_s_per_device"] = flops / ssps_s if flops else None
     peak = peak_flops(jax.devices()[0].device_kind, config.model.dtype)
     result["peak_flops_per_device"] = peak
-    result["mfu"] = flops / ssps_s / peak if flops and peak else None
-    result["mfu_analytic"] = result["analytic_flops_per_device"] / ssps_s / peak if peak else None
+    result.update(mfu(flops, result["analytic_flops_per_device"], ssps_s, peak))
 
     result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory()
     if baseline:
@@ -255,6 +272,7 @@ def _compile(name: str, step_fn, state, batch: dict, key) -> tuple:
         f"{name}_lower_s": lower_s,
         f"{name}_compile_s": compile_s,
         f"{name}_flops_per_device": counted_flops(compiled),
+        f"{name}_bytes_per_device": counted_flops(compiled, "bytes accessed"),
     }
     return compiled, figures
 
@@ -303,14 +321,32 @@ def main(
     kmeans_k: int | None,
     json_path: str | None,
     baseline: str | None,
+    bytes_by_op: int = 0,
 ) -> dict:
-    """`ssps-jax bench`: runs, prints the table, writes the JSON."""
+    """`ssps-jax bench`: runs, prints the table (and the byte account), writes the JSON.
+
+    XLA's own messages go to <json>.xla.log (or a file in the temporary folder).
+    """
     config = bench_config(config, batch, dtype)
-    result = run(
-        config, steps=steps, warmup=warmup, kmeans_n=kmeans_n, kmeans_k=kmeans_k, baseline=baseline, seed=config.seed
-    )
+    log = f"{json_path}.xla.log" if json_path else str(Path(tempfile.gettempdir()) / "ssps-jax-bench.xla.log")
+    with messages_to(log) as messages:
+        result = run(
+            config,
+            steps=steps,
+            warmup=warmup,
+            kmeans_n=kmeans_n,
+            kmeans_k=kmeans_k,
+            baseline=baseline,
+            seed=config.seed,
+            bytes_by_op=bytes_by_op,
+        )
     if jax.process_index() == 0:
         print(table(result), flush=True)
+        if "ssps_step_bytes_account" in result:
+            account = hlo_bytes.render(result["ssps_step_bytes_account"], result["ssps_step_bytes_per_device"])
+            print("\nSSPS step: " + account)
+        if messages["lines"]:
+            print(f"XLA printed {messages['lines']} lines of messages while this ran (kept in {log})")
         if json_path:
             Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
             print(f"written to {json_path}")
