@@ -16,10 +16,13 @@ With `lengths`, every sequence is framed, padded and normalised as if alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import librosa
 import numpy as np
+from jax import lax
 from scipy import signal
 
 from ssps_jax import ops
@@ -61,25 +64,82 @@ def mel_filterbank(config: LogMelConfig) -> np.ndarray:
     return fb.T.astype(np.float32)
 
 
+def dft_filters(config: LogMelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The windowed real DFT as convolution filters, and the mel filterbank that sums their squares.
+
+    Filters (win_length, 1, n_fft): the cosine of bins 0 .. n_fft / 2 (the real
+    parts), then the sine of bins 1 .. n_fft / 2 - 1 (the imaginary parts; those
+    of bin 0 and of the Nyquist bin are zero), each times the window's non-zero
+    taps: n_fft output channels, a whole number of a TPU's 128-lane tiles.
+    Bank (n_fft, n_mels): the mel filterbank's row of each filter's bin, so that
+    squares @ bank = |rfft|^2 @ mel_filterbank.
+    """
+    left = (config.n_fft - config.win_length) // 2
+    taps = np.arange(config.win_length)[:, None] + left  # the frame sample each tap sees
+    bins = config.n_fft // 2
+    cos_bins, sin_bins = np.arange(bins + 1)[None, :], np.arange(1, bins)[None, :]
+    # Angles from the exact integer phase (k m mod n_fft): no float64 drift over long windows.
+    cos = np.cos(2 * np.pi * (taps * cos_bins % config.n_fft) / config.n_fft)
+    sin = np.sin(2 * np.pi * (taps * sin_bins % config.n_fft) / config.n_fft)
+    w = window(config).astype(np.float64)[left : left + config.win_length, None]
+    filters = np.concatenate([w * cos, w * sin], axis=1)[:, None, :]
+    fb = mel_filterbank(config)
+    return filters.astype(np.float32), np.concatenate([fb, fb[1:bins]], axis=0)
+
+
+def mel_energies_fft(padded: jnp.ndarray, config: LogMelConfig, frames: int) -> jnp.ndarray:
+    """(B, T, n_mels) mel energies of the padded waveforms: frames gathered, windowed, FFT'd (the CPU's way)."""
+    index = (jnp.arange(frames) * config.hop_length)[:, None] + jnp.arange(config.n_fft)[None, :]  # (T, n_fft)
+    spectrum = jnp.fft.rfft(padded[:, index] * window(config), axis=-1)
+    return (jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2) @ mel_filterbank(config)
+
+
+def mel_energies_conv(padded: jnp.ndarray, config: LogMelConfig, frames: int) -> jnp.ndarray:
+    """The same as `mel_energies_fft`, as one strided convolution with `dft_filters` (accelerators' way).
+
+    No (B, T, n_fft) frame array is gathered, transposed or stored, which an
+    FFT needs: on a TPU this moves a sixth of the bytes for as many FLOPs (XLA:TPU
+    computes FFTs as matrix products), docs/performance.md. At full float32
+    precision on every backend (a TPU's default would round the frames to bfloat16).
+    """
+    left = (config.n_fft - config.win_length) // 2  # the window's zero taps are left out
+    padded = padded[:, left : left + (frames - 1) * config.hop_length + config.win_length]
+    filters, bank = dft_filters(config)
+    spectrum = lax.conv_general_dilated(
+        padded[..., None],
+        filters,
+        window_strides=(config.hop_length,),
+        padding="VALID",
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        precision=lax.Precision.HIGHEST,
+    )  # (B, T, n_fft): real parts of bins 0 .. n_fft / 2, imaginary parts of bins 1 .. n_fft / 2 - 1
+    return jnp.square(spectrum) @ bank
+
+
 def log_mel(
     wave: jnp.ndarray, config: LogMelConfig, lengths: jnp.ndarray | None = None
 ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """(B, n) waveforms -> (B, T, n_mels) normalised log-mel, and frame lengths.
 
-    Always computed in float32, whatever the model's compute dtype.
+    Always computed in float32, whatever the model's compute dtype. The power
+    spectrum is an FFT of gathered frames on CPUs (where an FFT's n log n
+    beats a DFT's n^2 FLOPs) and a strided DFT convolution on accelerators
+    (where bytes, not FLOPs, bound it): the choice is made when the program is
+    lowered for its platform (`lax.platform_dependent`).
     """
-    wave = wave.astype(jnp.float32)
-    n = wave.shape[1]
-    frames = num_frames(n, config.hop_length)
-    padded = ops.reflect_pad(wave, config.n_fft // 2, lengths)  # (B, n + n_fft)
-    starts = jnp.arange(frames) * config.hop_length
-    index = starts[:, None] + jnp.arange(config.n_fft)[None, :]  # (T, n_fft)
-    spectrum = jnp.fft.rfft(padded[:, index] * window(config), axis=-1)
-    power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
-    mel = jnp.log(power @ mel_filterbank(config) + 1e-6)  # (B, T, n_mels)
+    with jax.named_scope("log_mel"):
+        wave = wave.astype(jnp.float32)
+        frames = num_frames(wave.shape[1], config.hop_length)
+        padded = ops.reflect_pad(wave, config.n_fft // 2, lengths)  # (B, n + n_fft)
+        energies = lax.platform_dependent(
+            padded,
+            cpu=functools.partial(mel_energies_fft, config=config, frames=frames),
+            default=functools.partial(mel_energies_conv, config=config, frames=frames),
+        )
+        mel = jnp.log(energies + 1e-6)  # (B, T, n_mels)
 
-    frame_lengths = None if lengths is None else num_frames(lengths, config.hop_length)
-    mask = ops.sequence_mask(frame_lengths, frames)
-    mean = ops.masked_mean(mel, mask, axis=1, keepdims=True)
-    var = ops.masked_mean(jnp.square(mel - mean), mask, axis=1, keepdims=True)
-    return (mel - mean) / jnp.sqrt(var + 1e-5), frame_lengths
+        frame_lengths = None if lengths is None else num_frames(lengths, config.hop_length)
+        mask = ops.sequence_mask(frame_lengths, frames)
+        mean = ops.masked_mean(mel, mask, axis=1, keepdims=True)
+        var = ops.masked_mean(jnp.square(mel - mean), mask, axis=1, keepdims=True)
+        return (mel - mean) / jnp.sqrt(var + 1e-5), frame_lengths

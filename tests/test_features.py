@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from ssps_jax import ops
+from ssps_jax import features, ops
 from ssps_jax.features import LogMelConfig, log_mel, num_frames
 
 
@@ -75,3 +75,22 @@ def test_reflect_pad_with_lengths_reflects_at_each_end():
     np.testing.assert_array_equal(out[0], [3, 2, 1, 2, 3, 4, 5, 6, 7, 8, 7, 6])
     np.testing.assert_array_equal(out[1, :9], [3, 2, 1, 2, 3, 4, 5, 4, 3])  # sequence 1..5
     np.testing.assert_array_equal(ops.reflect_pad(x, 2, jnp.array([8, 8])), ops.reflect_pad(x, 2))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [LogMelConfig(), LogMelConfig(n_mels=80, window="hann", win_length=401)],
+    ids=["40-hamming", "80-hann-401"],
+)
+def test_dft_convolution_equals_the_fft_of_the_frames(config):
+    """The accelerators' STFT (a strided convolution with the windowed DFT) against the CPU's (FFT of frames)."""
+    rng = np.random.default_rng(3)
+    wave = (0.1 * rng.normal(size=(3, 8000)) * np.linspace(0, 2, 8000)).astype(np.float32)
+    frames = num_frames(wave.shape[1], config.hop_length)
+    padded = ops.reflect_pad(jnp.asarray(wave), config.n_fft // 2)
+    fft = features.mel_energies_fft(padded, config, frames)
+    conv = features.mel_energies_conv(padded, config, frames)
+    assert conv.shape == fft.shape == (3, frames, config.n_mels)
+    np.testing.assert_allclose(conv, fft, rtol=2e-5, atol=1e-6 * float(jnp.max(fft)))
+    filters, bank = features.dft_filters(config)
+    assert filters.shape == (config.win_length, 1, config.n_fft) and bank.shape == (config.n_fft, config.n_mels)
