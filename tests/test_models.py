@@ -1,5 +1,6 @@
 """Encoders: sslsv-sized parameter count and names, exact padded embedding, bf16."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,9 @@ from flax.traverse_util import flatten_dict
 from ssps_jax import sharding
 from ssps_jax.evaluation.embedding import Embedder, bucket_lengths
 from ssps_jax.features import LogMelConfig
+from ssps_jax.methods import simclr
 from ssps_jax.models.ecapa_tdnn import ECAPATDNN
+from ssps_jax.models.layers import ContextConv, torch_default_init
 from ssps_jax.models.resnet34 import ResNet34
 from ssps_jax.models.sslsv_names import sslsv_name, to_torch_layout
 
@@ -135,3 +138,37 @@ def test_bfloat16_compute_stays_close_to_float32():
     cosine = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert np.all(cosine > 0.99)
     assert not np.array_equal(a, b)  # really computed in bfloat16
+
+    # The training loss: SimCLR's NT-Xent (temperature 0.03) of two views in training mode (batch statistics)
+    # agrees to 1% (0.1-0.3% measured here and on a SimCLR step; docs/performance.md states the tolerance).
+    views = np.random.default_rng(2).normal(size=(8, 2, 8000)).astype(np.float32)
+
+    def loss(model):
+        def fn(v, x):
+            z1, z2 = model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+            return simclr.nt_xent(z1, z2, 0.03)
+
+        return float(jax.jit(fn)({name: {"encoder": tree} for name, tree in variables.items()}, views))
+
+    losses = [loss(simclr.SimCLR(encoder=encoder)) for encoder in (f32, bf16)]
+    assert losses[1] != losses[0] and abs(losses[1] / losses[0] - 1) < 0.01
+
+
+def test_context_conv_is_the_conv_of_the_concatenation():
+    """ECAPA-TDNN's attentive pooling concatenates the utterance's mean and std to every frame before a
+    kernel-1 convolution: ContextConv computes it without the concatenation, with nn.Conv's very parameters."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 7, 4)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+    concatenated = jnp.concatenate([x, jnp.broadcast_to(context[:, None], (3, 7, 8))], axis=-1)
+    reference = nn.Conv(5, (1,), kernel_init=torch_default_init)
+    variables = reference.init(jax.random.PRNGKey(1), concatenated)
+    variables = jax.tree.map(lambda v: v + rng.normal(size=v.shape), variables)  # a non-zero bias too
+    ours = ContextConv(5)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x, context)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_allclose(
+        ours.apply(variables, x, context), reference.apply(variables, concatenated), rtol=1e-5, atol=1e-5
+    )
+    # Initialised like the conv it replaces: the same key gives the same kernel.
+    fresh = ours.init(jax.random.PRNGKey(2), x, context)["params"]["kernel"]
+    np.testing.assert_array_equal(fresh, reference.init(jax.random.PRNGKey(2), concatenated)["params"]["kernel"])

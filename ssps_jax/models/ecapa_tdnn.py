@@ -110,14 +110,11 @@ class AttentiveStatisticsPooling(nn.Module):
             uniform = jnp.full((1, size, 1), 1.0 / size)
         else:
             uniform = mask[..., None] / lengths[:, None, None]
-        attn = x
-        if self.global_context:
-            mean, std = _weighted_stats(x32, uniform)
-            context = jnp.broadcast_to(jnp.concatenate([mean, std], -1)[:, None], (*x.shape[:2], 2 * channels))
-            attn = jnp.concatenate([x, context.astype(x.dtype)], axis=-1)
-        attn = TDNNBlock(self.attention_channels, 1, dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="tdnn")(
-            attn, lengths, train
-        )
+        context = None
+        if self.global_context:  # mean and std over time, concatenated to every frame (by the conv: ContextConv)
+            context = jnp.concatenate(_weighted_stats(x32, uniform), -1).astype(x.dtype)
+        tdnn = TDNNBlock(self.attention_channels, 1, dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="tdnn")
+        attn = tdnn(x, lengths, train, context=context)
         attn = Conv1dReflect(channels, 1, dtype=self.dtype, name="conv")(jnp.tanh(attn))
         weights = ops.masked_softmax(attn.astype(jnp.float32), mask, axis=1)
         mean, std = _weighted_stats(x32, weights)
