@@ -83,6 +83,7 @@ def _check_account(step, low, high):
     account = step.bytes_account
     assert low <= account["total"] / step.bytes_accessed <= high  # our sum of the ops against XLA's total
     assert sum(p["total"] for p in account["by_part"].values()) == account["total"]
+    assert 0 < account["hbm"] <= account["total"]  # on a TPU, much of it is on-chip VMEM
     assert len(account["top_ops"]) == 3 and account["top_ops"][0]["bytes"] >= account["top_ops"][-1]["bytes"]
     parts = account["by_part"]
     for part, passes in [("front end", ("forward", "inference")), ("blocks_1", ("forward", "backward"))]:
@@ -93,6 +94,7 @@ def _check_account(step, low, high):
 
 def test_byte_account_of_the_cpu_step_is_xlas_total_split_by_model_part(cpu_step):
     _check_account(cpu_step, 0.98, 1.02)  # the CPU's HLO: no memory tiles, no asynchronous copies
+    assert cpu_step.bytes_account["hbm"] == cpu_step.bytes_account["total"]  # no on-chip memory space
 
 
 def test_byte_account_of_the_tpu_step_is_near_xlas_total(compiled):

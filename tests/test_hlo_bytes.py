@@ -58,6 +58,12 @@ def test_conventions_and_attribution_of_a_handwritten_module():
     assert moved("rows") == rows + 4 + rows  # only the dynamic slice of the queue is read
     assert moved("sum") == 3 * rows
 
+    # In device memory only (not the on-chip S(1)): a copy counts once, its on-chip side not at all.
+    def in_hbm(name):
+        return hlo_bytes.instruction_bytes(by_name[name], types, computations, hbm_only=True)
+
+    assert [in_hbm(n) for n in ("cs", "cd", "rows", "ev", "out")] == [queue, 0, 4 + rows, 2 * rows, 0]
+
     ops = {op.name: op for op in hlo_bytes.account(MODULE)}
     assert (ops["rows"].pass_, ops["rows"].path, ops["rows"].category) == ("forward", "encoder/blocks_1", "blocks_1")
     assert (ops["sum"].pass_, ops["sum"].category) == ("backward", "mfa")

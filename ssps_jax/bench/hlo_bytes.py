@@ -66,6 +66,10 @@ _FREE = {
     "iota",
     "opt-barrier",
     "add-dependency",
+    # Control flow: the loop state and branch operands stay where they are; the ops of the bodies are counted.
+    "while",
+    "conditional",
+    "call",
 }
 _SLICING = {"slice", "dynamic-slice", "gather"}
 _DTYPE_BITS = {"pred": 8, "bf16": 16, "f8e4m3fn": 8, "f8e5m2": 8, "token": 0}
@@ -98,11 +102,13 @@ def array_bytes(dtype: str, dims: list[int], layout: str | None = None, padded: 
     return math.prod(dims) * bits // 8
 
 
-def type_bytes(text: str, padded: bool = True) -> int:
-    """Bytes of every array of an HLO type (an array or a tuple of them)."""
+def type_bytes(text: str, padded: bool = True, hbm_only: bool = False) -> int:
+    """Bytes of every array of an HLO type (an array or a tuple of them); with `hbm_only`, of those in device
+    memory (memory space 0: not a TPU's on-chip VMEM, `S(1)`, nor its other spaces)."""
     return sum(
         array_bytes(m["dtype"], [int(d) for d in m["dims"].split(",") if d], m["layout"], padded)
         for m in _ARRAY.finditer(text)
+        if not (hbm_only and re.search(r"S\([1-9]\d*\)", m["layout"] or ""))
     )
 
 
@@ -224,21 +230,25 @@ def _stacks(tables: dict[str, dict[int, str]]) -> dict[int, list[tuple[str, str]
     return stacks
 
 
-def _fusion_operand_bytes(fused: Computation, index: int, full: int, padded: bool) -> int:
+def _fusion_operand_bytes(fused: Computation, index: int, full: int, padded: bool, hbm_only: bool = False) -> int:
     """Bytes a fusion reads of its operand `index`: the slices it takes, when it only slices it."""
     param = next((i for i in fused.instructions if i.opcode == "parameter" and i.parameter_number == index), None)
     if param is None:
         return full
     users = [i for i in fused.instructions if param.name in i.operands]
     if users and all(u.opcode in _SLICING and u.operands[0] == param.name for u in users):
-        return min(full, sum(type_bytes(u.type, padded) for u in users))
+        return min(full, sum(type_bytes(u.type, padded, hbm_only) for u in users))
     if users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param.name for u in users):
         return 0  # updated in place: the update is counted where it is read
     return full
 
 
 def instruction_traffic(
-    instruction: Instruction, types: dict[str, str], computations: dict[str, Computation], padded: bool = True
+    instruction: Instruction,
+    types: dict[str, str],
+    computations: dict[str, Computation],
+    padded: bool = True,
+    hbm_only: bool = False,
 ) -> dict[str, int]:
     """Bytes one top-level instruction moves, under the keys of XLA's cost analysis: "<operand>{}" for what it
     reads of each operand, "out{}" (or "out{<i>}" per output of a multi-output fusion) for what it writes."""
@@ -247,31 +257,49 @@ def instruction_traffic(
     if instruction.opcode.endswith("-done"):
         # Reads the asynchronous context (the tuple's elements after (operands, result)), writes the result.
         context = _tuple_elements(types.get(instruction.operands[0], "()"))[2:] if instruction.operands else []
-        return {"0{}": sum(type_bytes(t, padded) for t in context), "out{}": type_bytes(instruction.type, padded)}
+        if hbm_only:  # the copy is counted once, at its start
+            return {}
+        return {
+            "0{}": sum(type_bytes(t, padded, hbm_only) for t in context),
+            "out{}": type_bytes(instruction.type, padded, hbm_only),
+        }
+    if hbm_only and instruction.opcode == "copy-start":  # reads its source, writes its destination: once each
+        destination = _tuple_elements(instruction.type)[0]
+        return {
+            "0{}": type_bytes(types.get(instruction.operands[0], ""), padded, True),
+            "out{}": type_bytes(destination, padded, True),
+        }
     if instruction.opcode == "slice-start":  # reads and writes its slice: ((source), slice, context)
-        piece = type_bytes(_tuple_elements(instruction.type)[1], padded)
+        piece = type_bytes(_tuple_elements(instruction.type)[1], padded, hbm_only)
         return {"0{}": piece, "out{}": piece}
     fused = computations.get(instruction.calls[0]) if instruction.opcode == "fusion" and instruction.calls else None
     traffic = {}
     for index, operand in enumerate(instruction.operands):
-        full = type_bytes(types.get(operand, ""), padded)
-        traffic[f"{index}{{}}"] = _fusion_operand_bytes(fused, index, full, padded) if fused else full
-    if fused is None or not instruction.type.startswith("("):
-        out = type_bytes(instruction.type, padded)
-        if fused is not None and fused.root.opcode == "dynamic-update-slice":
-            update = next((i for i in fused.instructions if i.name == fused.root.operands[1]), None)
-            out = type_bytes(update.type, padded) if update else out
-        traffic["out{}"] = out
-    else:
-        for index, element in enumerate(_tuple_elements(instruction.type)):
-            traffic[f"out{{{index}}}"] = type_bytes(element, padded)
+        full = type_bytes(types.get(operand, ""), padded, hbm_only)
+        traffic[f"{index}{{}}"] = _fusion_operand_bytes(fused, index, full, padded, hbm_only) if fused else full
+    outputs = _tuple_elements(instruction.type) if instruction.type.startswith("(") else [instruction.type]
+    roots = [fused.root] if fused is not None else []
+    if fused is not None and fused.root.opcode == "tuple":
+        by_name = {i.name: i for i in fused.instructions}
+        roots = [by_name.get(o) for o in fused.root.operands]
+    for index, element in enumerate(outputs):
+        out = type_bytes(element, padded, hbm_only)
+        root = roots[index] if index < len(roots) else None
+        if root is not None and root.opcode == "dynamic-update-slice":  # in place: the update is written
+            update = next((i for i in fused.instructions if i.name == root.operands[1]), None)
+            out = type_bytes(update.type, padded, hbm_only) if update else out
+        traffic["out{}" if len(outputs) == 1 and not instruction.type.startswith("(") else f"out{{{index}}}"] = out
     return traffic
 
 
 def instruction_bytes(
-    instruction: Instruction, types: dict[str, str], computations: dict[str, Computation], padded: bool = True
+    instruction: Instruction,
+    types: dict[str, str],
+    computations: dict[str, Computation],
+    padded: bool = True,
+    hbm_only: bool = False,
 ) -> int:
-    return sum(instruction_traffic(instruction, types, computations, padded).values())
+    return sum(instruction_traffic(instruction, types, computations, padded, hbm_only).values())
 
 
 def _tuple_elements(text: str) -> list[str]:
@@ -310,7 +338,7 @@ _STACK_PLACES = (
 )
 _PASSES = (("backward", "transpose("), ("forward", "jvp("))
 # A method's loss functions (methods/*.py): nt_xent, dino_loss, moco_loss, aam_softmax, ...
-_LOSS = re.compile(r"methods/\w+\.py:(?:nt_xent|\w*loss\w*|aam_softmax|\w*_softmax)$")
+_LOSS = re.compile(r"^\w+\.py:(?:nt_xent|\w*loss\w*|aam_softmax|\w*_softmax)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +350,7 @@ class Op:
     shape: str  # its result type, memory layout left out
     bytes: int  # as laid out on the device (padded to memory tiles)
     logical_bytes: int
+    hbm_bytes: int  # of arrays in device memory (on a TPU, not those in on-chip VMEM)
     pass_: str  # forward (trained, under jvp), backward (under transpose), inference, step
     path: str  # the Flax module path ("encoder/blocks_2/res2net_block/..."), or where outside the model
     category: str  # front end, blocks_N, BatchNorm, pooling, loss, SSPS, optimizer, ...
@@ -336,7 +365,8 @@ def _module_path(op_name: str) -> tuple[str, str]:
     start = next((i for i, p in enumerate(parts) if re.fullmatch(r"(?:\w+\()*[A-Z]\w*(?:\.\w+)?\)*", p)), None)
     if start is None:
         return pass_, ""
-    inner = [p for p in parts[start + 1 : -1] if re.fullmatch(r"[A-Za-z_]\w*", p)]
+    # Submodules and named scopes; a model's own method calling another (DINO.student -> DINO) is left out.
+    inner = [p for p in parts[start + 1 : -1] if re.fullmatch(r"[a-z_]\w*", p)]
     return pass_ or "inference", "/".join(inner)
 
 
@@ -347,7 +377,7 @@ def _stack_place(stack: list[tuple[str, str]]) -> str:
     project = [(f, fn) for f, fn in stack if "ssps_jax/" in f]
     if project:
         file, function = project[0]
-        return f"{file.rsplit('ssps_jax/', 1)[1]}:{function.split('.<locals>')[0]}"
+        return f"{file.rsplit('/', 1)[1]}:{function.split('.<locals>')[0]}"
     return ""
 
 
@@ -423,6 +453,7 @@ def account(hlo: str) -> list[Op]:
                 shape=_clean_shape(i.type),
                 bytes=moved,
                 logical_bytes=instruction_bytes(i, types, computations, padded=False),
+                hbm_bytes=instruction_bytes(i, types, computations, hbm_only=True),
                 pass_=pass_ or "step",
                 path=where,
                 category=_category(path, stack, where),
@@ -433,11 +464,12 @@ def account(hlo: str) -> list[Op]:
 
 
 def grouped(ops: list[Op], key) -> list[tuple[str, dict[str, int]]]:
-    """(group, {pass: bytes, "total": bytes}) of the ops by key(op), most bytes first."""
+    """(group, {pass: bytes, "total": bytes, "hbm": bytes in device memory}) of the ops by key(op), most first."""
     groups = collections.defaultdict(collections.Counter)
     for op in ops:
         groups[key(op)][op.pass_] += op.bytes
         groups[key(op)]["total"] += op.bytes
+        groups[key(op)]["hbm"] += op.hbm_bytes
     return sorted(groups.items(), key=lambda kv: -kv[1]["total"])
 
 
@@ -463,6 +495,7 @@ def summary(ops: list[Op], top: int) -> dict:
     """The account as data (for JSON and `render`): the total, bytes by part and pass, the `top` ops."""
     return {
         "total": sum(op.bytes for op in ops),
+        "hbm": sum(op.hbm_bytes for op in ops),
         "by_part": {group: dict(by_pass) for group, by_pass in grouped(ops, lambda op: op.category)},
         "top_ops": [dataclasses.asdict(op) for op in ops[:top]],
     }
@@ -473,14 +506,18 @@ def render(account: dict, xla_bytes: float | None = None) -> str:
     total = account["total"]
     lines = [
         f"Bytes accessed per device, by part (GB): this account {_gb(total)}"
-        + ("" if not xla_bytes else f", XLA's cost analysis {_gb(xla_bytes)} ({total / xla_bytes:.0%})"),
+        + ("" if not xla_bytes else f", XLA's cost analysis {_gb(xla_bytes)} ({total / xla_bytes:.0%})")
+        + f"; of arrays in device memory (HBM; the rest is a TPU's on-chip VMEM) {_gb(account['hbm'])}",
         "",
-        "| part | " + " | ".join(PASS_COLUMNS) + " | total | share |",
-        "|" + " --- |" * (len(PASS_COLUMNS) + 3),
+        "| part | " + " | ".join(PASS_COLUMNS) + " | total | share | in HBM |",
+        "|" + " --- |" * (len(PASS_COLUMNS) + 4),
     ]
     for group, by_pass in account["by_part"].items():
         cells = [_gb(by_pass[p]) if by_pass.get(p) else "-" for p in PASS_COLUMNS]
-        lines.append(f"| {group} | {' | '.join(cells)} | {_gb(by_pass['total'])} | {by_pass['total'] / total:.1%} |")
+        lines.append(
+            f"| {group} | {' | '.join(cells)} | {_gb(by_pass['total'])} | {by_pass['total'] / total:.1%} "
+            f"| {_gb(by_pass.get('hbm', 0))} |"
+        )
     if account["top_ops"]:
         lines += [
             "",
