@@ -28,16 +28,16 @@ would have seen.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
 
 from data_pipelines import augment as augment_lib
 from data_pipelines import crops as crops_lib
-from data_pipelines import speaker_corpus
+from data_pipelines import paths, speaker_corpus
 from data_pipelines.errors import InputError
 
 
@@ -148,7 +148,7 @@ def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     augmenter = None
     aug = data.augment
     if aug.enabled:
-        base = Path(data.base_dir)
+        base = epath.Path(data.base_dir)
         augmenter = augment_lib.Augmenter(
             augment_lib.AugmentConfig(
                 strategy=aug.strategy,
@@ -162,9 +162,9 @@ def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     return TrainExamples(crops, augmenter)
 
 
-def tfds_dir(data: ml_collections.ConfigDict) -> Path:
+def tfds_dir(data: ml_collections.ConfigDict) -> epath.Path:
     """Where the train split's ArrayRecords are: data.tfds_dir, by default <data.base_dir>/tfds."""
-    return Path(data.tfds_dir or speaker_corpus.default_data_dir(data.base_dir))
+    return epath.Path(data.tfds_dir or speaker_corpus.default_data_dir(data.base_dir))
 
 
 def train_labels(data: ml_collections.ConfigDict, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +177,8 @@ def load_source(data: ml_collections.ConfigDict):
     """The prepared `train` split (built on first use, resumed if interrupted) as a random-access source.
 
     A dataset TFDS did not finish writing is not prepared (it is built, or its build continued);
-    one whose shard files are missing is refused with an error naming its folder.
+    one whose shard files are missing is refused with an error naming its folder. One in a gs://
+    data dir is read from a copy on this host (speaker_corpus.local_copy: ArrayRecord reads local files).
     """
     for key in ("train_csv", "base_dir"):
         if not data.get(key):
@@ -192,4 +193,6 @@ def load_source(data: ml_collections.ConfigDict):
         workers=data.prepare_workers or None,
     )
     speaker_corpus.check_complete(builder)
+    if paths.is_remote(builder.data_path):
+        builder = speaker_corpus.local_copy(builder)
     return builder.as_data_source(split="train")

@@ -37,15 +37,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 
+from data_pipelines import paths
 from data_pipelines.errors import InputError
 from ssps_jax import storage
 from ssps_jax.ssps.state import RESTORE_GROUPS, SSPSState
@@ -95,9 +95,9 @@ def _not_an_io_echo(record: logging.LogRecord) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: epath.PathLike, keep: int = 3, async_save: bool = True):
         _quiet_failed_io_echoes()
-        self.directory = Path(directory).resolve()
+        self.directory = paths.absolute(directory)
         self._saving: int | None = None  # the step of an async save that may still be in flight
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -153,7 +153,7 @@ class Checkpointer:
             except (OSError, ValueError) as e:
                 return f"{file.relative_to(path)} unreadable ({_first_line(e)})"
         try:
-            store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path / 'state'}/"}).result()
+            store = ts.KvStore.open({"driver": "ocdbt", "base": _kvstore_url(path / "state")}).result()
             keys = store.list().result()
             if not keys:
                 return "state/ holds no values"
@@ -202,7 +202,7 @@ class Checkpointer:
             raise InputError(f"checkpoint {step} in {self.directory} cannot be read back: {why}")
         return (step, *self.restore(step, like))
 
-    def _move_aside(self, step: int) -> Path:
+    def _move_aside(self, step: int) -> epath.Path:
         """Moves checkpoint `step` to checkpoints_skipped/<step>[.N] (process 0; the others wait for it)."""
         aside = self.directory.parent / SKIPPED_DIR / str(step)
         n = 0
@@ -211,7 +211,7 @@ class Checkpointer:
             aside = aside.with_name(f"{step}.{n}")
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(self.directory / str(step), aside)
+            (self.directory / str(step)).rename(aside)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -270,12 +270,17 @@ class Checkpointer:
         self.manager.close()
 
 
-def _imported(path: Path) -> bool:
+def _imported(path: epath.Path) -> bool:
     """Whether the checkpoint folder `path` holds imported weights (its meta says so): it has no input position."""
     try:
         return "imported" in json.loads((path / "meta" / "metadata").read_text())
     except (OSError, ValueError):
         return False
+
+
+def _kvstore_url(folder: epath.Path) -> str:
+    """TensorStore's URL of a folder: gs:// (or another store's URI) as it is, a local folder as file://."""
+    return f"{folder}/" if paths.is_remote(folder) else f"file://{folder}/"
 
 
 def _first_line(error: BaseException) -> str:

@@ -20,10 +20,10 @@ import json
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import ml_collections
+from etils import epath
 from jax.experimental import multihost_utils
 
 from data_pipelines import input_pipeline
@@ -49,7 +49,7 @@ def _load_source(config: ml_collections.ConfigDict):
     return source if jax.process_index() == 0 else input_pipeline.load_source(config.data)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """Writes <workdir>/config.json (process 0), keeping a different earlier one as config.json.previous."""
     if jax.process_index() != 0:
         return
@@ -57,13 +57,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     if path.exists() and path.read_text() != text:
         say(f"note: the config differs from the one {workdir} was started with; the old one is config.json.previous")
-        path.rename(workdir / "config.json.previous")
+        path.replace(workdir / "config.json.previous")
     path.write_text(text)
 
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: epath.PathLike,
     on_step: Callable[[int, TrainState], None] | None = None,
 ) -> dict:
     """Trains or resumes; returns the last evaluation's results ({} if none ran).
@@ -71,7 +71,7 @@ def train(
     `on_step(steps_done, state)` is called after each step is dispatched (tests
     use it to look at the state, or to interrupt a run).
     """
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +181,7 @@ def train(
             if epoch_end or done % config.train.checkpoint_every_steps == 0:
                 drain()  # never checkpoint a state whose loss has not been checked
                 ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
+                writer.sync()  # a gs:// workdir's metrics.jsonl holds every step up to the checkpoint
             if evaluation_due(done):
                 ckpt.wait()  # the epoch's checkpoint committed first: a kill during a long evaluation retrains nothing
                 evaluate(done)
@@ -195,9 +196,9 @@ def train(
     return last_results
 
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def load_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
-    path = Path(workdir) / "config.json"
+    path = epath.Path(workdir) / "config.json"
     if not path.is_file():
         raise config_lib.ConfigError(f"{path} not found: is {workdir} a training workdir?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
