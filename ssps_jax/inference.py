@@ -95,9 +95,9 @@ class TrainedModel:
         config = inference_config(workdir) if config is None else config
         mesh = sharding.make_mesh() if mesh is None else mesh
         method, model, state = build_for_inference(config, mesh)
-        ckpt = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints")
-        try:
-            step, state, _ = ckpt.restore_for_use(state, step)
+        ckpt = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", read_only=True)
+        try:  # a checkpoint of another model than `config`'s is refused (CheckpointMismatchError), nothing restored
+            step, state, _ = ckpt.restore_for_use(state, step, config)
         finally:
             ckpt.close()
         return cls(epath.Path(workdir), int(step), config, mesh, method, model, method.eval_variables(state))

@@ -50,6 +50,7 @@ from data_pipelines import paths
 from data_pipelines.errors import InputError
 from ssps_jax import features
 from ssps_jax.build import build_for_inference
+from ssps_jax.checkpoint import likely_config_key
 from ssps_jax.models.sslsv_names import sslsv_name, to_torch_layout
 from ssps_jax.train_state import seed_keys
 
@@ -338,7 +339,7 @@ def _check_shapes(checkpoint: epath.Path, state_dict: dict, layout: dict[str, _S
     if wrong:
         shown = "; ".join(
             f"{key} is {state_dict[key].shape}, the config's model needs {layout[key].shape} "
-            f"({_likely_field(key, config)} probably differs)"
+            f"({likely_config_key(layout[key].where, config)} probably differs)"
             for key in wrong[:3]
         )
         more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
@@ -369,28 +370,6 @@ def _check_constants(checkpoint: epath.Path, state_dict: dict, constants: dict, 
                     f"{checkpoint}: {key} is not {what} of the config (max difference "
                     f"{np.max(np.abs(got - want)):.3g}): the model was trained on other features"
                 )
-
-
-def _likely_field(key: str, config) -> str:
-    """The config field that most probably sets the size of sslsv tensor `key`."""
-    top, _, rest = key.partition(".")
-    if top.startswith("projector"):
-        return f"{config.method}.projector_hidden_dim / projector_output_dim"
-    if top.startswith("head") or top == "loss_fn":
-        return "dino.head_hidden_dim / head_bottleneck_dim / head_output_dim"
-    if top == "prototypes":
-        return "swav.prototypes"
-    if rest.startswith("fc."):
-        return "model.encoder_dim"
-    if config.model.encoder == "resnet34":
-        return "model.resnet34.base_dim / layers (or model.mel.n_mels)"
-    if ".se_block." in key:
-        return "model.ecapa_tdnn.se_channels"
-    if rest.startswith("asp.tdnn") and key.endswith(("weight", "bias", "running_mean", "running_var")):
-        return "model.ecapa_tdnn.attention_channels / channels"
-    if rest.startswith("blocks.0."):
-        return "model.mel.n_mels / model.ecapa_tdnn.channels"
-    return "model.ecapa_tdnn.channels"
 
 
 def _placed(value, like) -> jax.Array:
@@ -425,9 +404,9 @@ def export_sslsv(source, out: epath.PathLike, step: int | None = None) -> epath.
     # Restored into zeros of the state's layout: no model compiled.
     _, _, like = build_for_inference(config, sharding.make_mesh(), abstract=True)
     state = jax.tree.map(lambda x: _placed(np.zeros(x.shape, x.dtype), x), like)
-    ckpt = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints")
+    ckpt = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints", read_only=True)
     try:
-        step, state, meta = ckpt.restore_for_use(state, step)
+        step, state, meta = ckpt.restore_for_use(state, step, config)
     finally:
         ckpt.close()
 

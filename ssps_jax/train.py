@@ -74,9 +74,7 @@ def train(
     workdir = epath.Path(workdir)
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size)
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)  # as written: `evaluate` resolves it again, where it runs
-    config = config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
+    written, config = config, config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
 
     source = _load_source(config)
     batch_size = config.train.global_batch_size
@@ -102,9 +100,16 @@ def train(
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", config.train.keep_checkpoints, config.train.async_checkpoints
     )
-    if (restored := ckpt.restore_newest(state, iterator)) is not None:
+    try:  # a checkpoint of another model is refused here, before anything is written to the workdir
+        restored = ckpt.restore_newest(state, iterator, config=config)
+    except BaseException:
+        ckpt.close()
+        iterator.close()
+        raise
+    if restored is not None:
         latest, state, _ = restored
         say(f"resumed from the checkpoint of step {latest} in {workdir}")
+    save_config(written, workdir)  # as written: `evaluate` resolves it again, where it runs
     start = int(state.step)
     say(
         f"{len(source)} utterances, {per_epoch} steps of {batch_size} per epoch, {config.train.epochs} epochs, "

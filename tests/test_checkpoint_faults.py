@@ -10,9 +10,11 @@ The k-means kill is in tests/test_ssps_train.py, beside its SSPS reference run, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +26,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from ssps_jax import checkpoint, cli
+from ssps_jax import checkpoint, cli, sharding
 from ssps_jax import train as train_lib
+from ssps_jax.build import build_for_inference
 
 STEPS = 15  # one epoch of the small corpus at batch 16
 
@@ -55,13 +58,19 @@ def _assert_same_losses(workdir: Path, reference: dict[int, float]) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_dir, tmp_path_factory):
-    """Losses of the uninterrupted run, with an evaluation at its end."""
+def uninterrupted(demo_dir, tmp_path_factory) -> Path:
+    """The workdir of the uninterrupted run, with an evaluation at its end (read-only for tests)."""
     config = fault_config(demo_dir)
     config.eval.every_epochs = 1
     workdir = tmp_path_factory.mktemp("uninterrupted")
     train_lib.train(config, workdir)
-    return _losses(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    """Losses of the uninterrupted run."""
+    return _losses(uninterrupted)
 
 
 def _stop_at(step):
@@ -247,3 +256,80 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_resumes_exactly(demo_dir, t
 
     train_lib.train(config, workdir)
     _assert_same_losses(workdir, reference)
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> SHA-256 of its bytes), and every folder (-> "dir")."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _config_file(config, path: Path) -> Path:
+    path.write_text(
+        "import json, ml_collections\n"
+        f"def get_config():\n    return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n"
+    )
+    return path
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line_and_nothing_is_written(
+    demo_dir, tmp_path, uninterrupted, capsys
+):
+    workdir = tmp_path / "w"
+    shutil.copytree(uninterrupted, workdir)
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    config_py = _config_file(config, tmp_path / "config.py")
+    before = _tree_digest(workdir)
+    assert f"eval/step_{STEPS}/metrics.json" in before and "config.json" in before
+
+    # Resumed with another encoder: refused before anything is restored or written.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", str(config_py), "--workdir", str(workdir), "--config.model.encoder=resnet34"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(
+        f"ssps-jax train: error: checkpoint {STEPS} in {workdir.resolve() / 'checkpoints'} holds another model than "
+        "the config builds: params/encoder/"
+    )
+    assert "(model.encoder probably differs)" in err
+    assert _tree_digest(workdir) == before
+
+    # evaluate of a workdir whose config.json is not its checkpoints' (as an older train rewrote it): refused too.
+    written = json.loads((workdir / "config.json").read_text())
+    written["model"]["ecapa_tdnn"]["se_channels"] = 4
+    (workdir / "config.json").write_text(json.dumps(written))
+    before = _tree_digest(workdir)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--workdir", str(workdir)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert re.search(
+        r"params/encoder/blocks_1/se_block/conv1/conv/bias is \(8,\) float32 in the checkpoint, \(4,\) float32 in the "
+        r"config's model \(model\.ecapa_tdnn\.se_channels probably differs\)",
+        err,
+    ), err
+    assert _tree_digest(workdir) == before
+
+    # The restore itself fails rather than fill arrays the checkpoint does not hold (orbax's structure check on a
+    # target that mirrors the checkpoint), or hold with another shape (checked after the read).
+    other = config.copy_and_resolve_references()
+    other.model.encoder = "resnet34"
+    _, _, resnet = build_for_inference(other, sharding.make_mesh())
+    other.model.encoder = "ecapa_tdnn"
+    other.model.ecapa_tdnn.se_channels = 4
+    _, _, narrower = build_for_inference(other, sharding.make_mesh())
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        with pytest.raises(ValueError, match="structures do not match"):
+            ckpt.restore(STEPS, resnet)
+        with pytest.raises(RuntimeError, match=r"orbax restored ndarray \(8,\)"):
+            ckpt.restore(STEPS, narrower)
+    finally:
+        ckpt.close()
+    assert _tree_digest(workdir) == before
