@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from data_pipelines import input_pipeline
-from ssps_jax import checkpoint, methods, sharding
+from ssps_jax import checkpoint, methods, preemption, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.build import build
 from ssps_jax.evaluation import verification
@@ -163,6 +163,8 @@ def train(
         epoch_end = done % per_epoch == 0
         return bool(evaluator and epoch_end and every and ((done // per_epoch) % every == 0 or done == stop))
 
+    # From here on SIGTERM / SIGINT stop every process at one step, saved (ssps_jax/preemption.py).
+    watch = preemption.Watch(ckpt.manager).start()
     try:
         if evaluator and config.eval.at_start and start == 0:
             evaluate(0)
@@ -183,10 +185,16 @@ def train(
             if on_step is not None:
                 on_step(done, state)
             epoch_end = done % per_epoch == 0
-            if epoch_end or done % config.train.checkpoint_every_steps == 0:
+            preempted = watch.reached(done)  # every process, every step: they stop at the same one
+            if epoch_end or done % config.train.checkpoint_every_steps == 0 or preempted:
                 drain()  # never checkpoint a state whose loss has not been checked
                 ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
                 writer.sync()  # a gs:// workdir's metrics.jsonl holds every step up to the checkpoint
+            if preempted:
+                ckpt.wait()
+                stopped = preemption.Preempted(done, ckpt.directory)
+                say(str(stopped))
+                raise stopped  # the CLI exits with preemption.PREEMPTED; a rerun resumes from `done`
             if evaluation_due(done):
                 ckpt.wait()  # the epoch's checkpoint committed first: a kill during a long evaluation retrains nothing
                 evaluate(done)
@@ -194,10 +202,13 @@ def train(
         if start >= stop:
             say(f"{workdir} has already trained all {stop} steps")
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        iterator.close()
+        try:
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+            iterator.close()
+        finally:
+            watch.stop()  # last: a signal while the above runs is still a preemption's, not a KeyboardInterrupt
     return last_results
 
 

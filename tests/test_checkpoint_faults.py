@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from ssps_jax import checkpoint, cli, sharding
+from ssps_jax import checkpoint, cli, preemption, sharding
 from ssps_jax import train as train_lib
 from ssps_jax.build import build_for_inference
 
@@ -333,3 +333,41 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line_and_nothing_is_wri
     finally:
         ckpt.close()
     assert _tree_digest(workdir) == before
+
+
+def test_sigterm_stops_at_the_step_saves_it_and_the_rerun_resumes_exactly(
+    demo_dir, tmp_path, reference, monkeypatch, capsys
+):
+    """One process: the signal is noticed between steps; a second one while the save runs changes nothing."""
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    workdir = tmp_path / "w"
+    handlers = {s: signal.getsignal(s) for s in preemption.SIGNALS}
+    save, second = checkpoint.Checkpointer.save, []
+
+    def save_then_signal_again(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 5:  # the preemption's save, in flight (asynchronous): Ctrl-C now
+            second.append(step)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_signal_again)
+
+    def preempt(done, state):
+        if done == 5:  # between checkpoints 3 and 6
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(preemption.Preempted) as stopped:
+        train_lib.train(config, workdir, on_step=preempt)
+    assert stopped.value.step == 5 and stopped.value.status == preemption.PREEMPTED == 75 and second == [5]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3, 5]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"stopped for a preemption at step 5: checkpoint 5 is saved in {workdir.resolve() / 'checkpoints'}; run "
+        "the same command again to resume from it (exit status 75)"
+    )
+    assert {s: signal.getsignal(s) for s in preemption.SIGNALS} == handlers  # put back
+
+    monkeypatch.undo()
+    train_lib.train(config, workdir)
+    assert "resumed from the checkpoint of step 5" in capsys.readouterr().out
+    _assert_same_losses(workdir, reference)
