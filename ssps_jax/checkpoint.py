@@ -23,6 +23,15 @@ queues can continue as a run without SSPS (the fair baseline), and a plain
 checkpoint as an SSPS run (its queues start empty); what is dropped or kept
 fresh is reported.
 
+Another model: before anything is restored (or, in training, moved or
+written), the checkpoint's tree of arrays (paths, shapes, dtypes, from
+orbax's metadata) must be the one the config builds (`check_matches`);
+otherwise CheckpointMismatchError names the first differing array and the
+config key that probably differs, and the CLI exits 2. The restore target
+itself mirrors the checkpoint's tree (PLACEHOLDER where nothing is read), so
+orbax refuses a tree of another structure rather than hand back unfilled
+arrays, and every array read is checked against the shape asked for.
+
 Faults (`restore_newest`): a checkpoint folder that is not complete or whose
 stored values cannot all be read back (a crash of the storage layer, a bad
 copy) is skipped with a one-line warning, and the next older one is used;
@@ -314,8 +323,12 @@ class Checkpointer:
             logger.warning("checkpoint %d holds imported weights: the input stream starts at its beginning", step)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = dict(restored["state"])
-        fields = {field: state[field] for field in wanted}
-        fields = jax.tree.map(_placed, fields, {field: target[field] for field in wanted}, wanted)
+
+        def asked(tree: dict, field: str):  # of the SSPS state, only the groups restored (the others are fresh)
+            return {k: tree[field][k] for k in wanted[field]} if field == "ssps" else tree[field]
+
+        fields = {field: asked(state, field) for field in wanted}
+        fields = jax.tree.map(_placed, fields, {field: asked(target, field) for field in wanted}, wanted)
         return from_dict(like, fields), restored["meta"]
 
     def wait(self) -> None:
