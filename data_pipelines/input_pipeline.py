@@ -28,6 +28,7 @@ would have seen.
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import grain
 import ml_collections
@@ -134,8 +135,20 @@ def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 4
         flags.FLAGS.mark_as_parsed()
     it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=0))
     if workers:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=_ignore_stop_signals,
+        )
     return iter(it_ds)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """Input workers outlive a preemption notice: it reaches every process of the host (systemd on a TPU VM,
+    slurmstepd), and training still needs batches to reach the step all processes stop at and save it
+    (ssps_jax/preemption.py). Grain stops its workers itself when the iterator closes."""
+    del worker_index, worker_count
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _tuple_ranges(aug: ml_collections.ConfigDict, prefix: str, cast) -> tuple:
