@@ -16,7 +16,14 @@ import pathlib
 from collections.abc import Iterator
 from typing import IO
 
+import fsspec
 from etils import epath
+
+# gcsfs caches the listings it made, without expiry; but a workdir on gs:// is written by other processes (the
+# other hosts, a training job beside an evaluation), and a cached listing hides their new checkpoints. Set
+# before epath makes its filesystem (fsspec's defaults for `fsspec.filesystem("gcs")`); a value set first wins.
+for _protocol in ("gcs", "gs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: epath.PathLike) -> bool:

@@ -103,14 +103,14 @@ class Launch:
         for pid in (0, 1):
             (folder / f"train.{pid}.log").unlink(missing_ok=True)
         self.folder = folder
+        # No shared compilation cache: a process that finds its programs there while its partner compiles
+        # reaches the first collective minutes early, and gloo gives up after 30 s (DEADLINE_EXCEEDED).
         env = dict(
             os.environ,
             CONFIG=str(config_py),
             WORKDIR=workdir,
             PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             SSPS_JAX_CACHE=str(folder / "hosts"),  # the hosts' local copies of the records, made by both at once
-            JAX_COMPILATION_CACHE_DIR=str(folder / "xla_cache"),  # the launches after the first compile nothing
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         )
         block = pods_block().replace("localhost:8476", f"localhost:{_free_port()}")
         self.shell = subprocess.Popen(
