@@ -41,11 +41,22 @@ setup(
         "scipy>=1.12",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        # gs:// workdirs and data: etils.epath opens them through fsspec with gcsfs (TensorFlow is not installed).
+        "gcsfs>=2024.2",
     ],
     extras_require={
         # torch: the PyTorch baseline's equivalence tests (tests/test_torch_baseline.py).
         # EXPORT: tests/test_export.py checks both exports against JAX.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.4", "ruff>=0.6", "torch>=2.3", *EXPORT],
+        # gcp-storage-emulator: the GCS JSON API on 127.0.0.1 for the gs:// tests (tests/gcs.py).
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "scikit-learn>=1.4",
+            "ruff>=0.6",
+            "torch>=2.3",
+            "gcp-storage-emulator>=2024.8.3",
+            *EXPORT,
+        ],
         # libtpu: training on TPU VMs, and `ssps-jax compile` for TPU slices on any host. Installing it
         # pins jax to the libtpu release it pairs with (make test installs jax[tpu]==the installed jax).
         "tpu": ["jax[tpu]>=0.10"],

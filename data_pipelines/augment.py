@@ -20,13 +20,13 @@ generators make the pipeline deterministic and resumable.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from etils import epath
 from scipy import signal
 
-from data_pipelines import audio_io
+from data_pipelines import audio_io, paths
 from data_pipelines.crops import random_crop
 from data_pipelines.errors import InputError
 
@@ -66,7 +66,7 @@ def reverberate(x: np.ndarray, rir: np.ndarray) -> np.ndarray:
     return signal.fftconvolve(x, rir.astype(x.dtype))[: len(x)]
 
 
-def _wav_files(folder: Path, pattern: str) -> list[Path]:
+def _wav_files(folder: epath.Path, pattern: str) -> list[epath.Path]:
     return sorted(folder.glob(pattern))
 
 
@@ -77,17 +77,17 @@ class Augmenter:
     worker processes); audio is read on demand, a random excerpt at a time.
     """
 
-    def __init__(self, config: AugmentConfig, noise_dir: str | Path | None, rir_dir: str | Path | None):
+    def __init__(self, config: AugmentConfig, noise_dir: epath.PathLike | None, rir_dir: epath.PathLike | None):
         self.config = config
         need_noise = config.strategy != "reverb"
         need_rir = config.strategy != "noise"
-        self.noise_files: dict[str, list[Path]] = {}
+        self.noise_files: dict[str, list[epath.Path]] = {}
         if noise_dir and need_noise:
             for category in CATEGORIES:
-                files = _wav_files(Path(noise_dir) / category, "*/*.wav")
+                files = _wav_files(epath.Path(noise_dir) / category, "*/*.wav")
                 if files:
                     self.noise_files[category] = files
-        self.rir_files = _wav_files(Path(rir_dir), "*/*/*.wav") if rir_dir and need_rir else []
+        self.rir_files = _wav_files(epath.Path(rir_dir), "*/*/*.wav") if rir_dir and need_rir else []
         if need_noise and not self.noise_files:
             raise InputError(
                 f"augment strategy {config.strategy!r} adds noise, but noise_dir {noise_dir!r} has no "
@@ -99,14 +99,13 @@ class Augmenter:
                 "<room type>/<room>/*.wav file"
             )
 
-    def _read_excerpt(self, path: Path, length: int, rng: np.random.Generator) -> np.ndarray:
+    def _read_excerpt(self, path: epath.Path, length: int, rng: np.random.Generator) -> np.ndarray:
         """A random `length`-sample excerpt of `path`, wrap-padded if shorter."""
-        frames = sf.info(path).frames
-        if frames > length:
-            start = int(rng.integers(0, frames - length + 1))
-            audio, _ = sf.read(path, start=start, frames=length, dtype="float32", always_2d=True)
-            return audio.mean(axis=1)
-        audio, _ = sf.read(path, dtype="float32", always_2d=True)
+        with paths.readable(path) as source, sf.SoundFile(source) as f:
+            if f.frames > length:
+                f.seek(int(rng.integers(0, f.frames - length + 1)))
+                return f.read(length, dtype="float32", always_2d=True).mean(axis=1)
+            audio = f.read(dtype="float32", always_2d=True)
         return random_crop(audio.mean(axis=1), length, rng)
 
     def reverb(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:

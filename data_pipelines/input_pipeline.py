@@ -28,16 +28,17 @@ would have seen.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import signal
 
 import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
 
 from data_pipelines import augment as augment_lib
 from data_pipelines import crops as crops_lib
-from data_pipelines import speaker_corpus
+from data_pipelines import paths, speaker_corpus
 from data_pipelines.errors import InputError
 
 
@@ -134,8 +135,20 @@ def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 4
         flags.FLAGS.mark_as_parsed()
     it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=0))
     if workers:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=_ignore_stop_signals,
+        )
     return iter(it_ds)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """Input workers outlive a preemption notice: it reaches every process of the host (systemd on a TPU VM,
+    slurmstepd), and training still needs batches to reach the step all processes stop at and save it
+    (ssps_jax/preemption.py). Grain stops its workers itself when the iterator closes."""
+    del worker_index, worker_count
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _tuple_ranges(aug: ml_collections.ConfigDict, prefix: str, cast) -> tuple:
@@ -148,7 +161,7 @@ def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     augmenter = None
     aug = data.augment
     if aug.enabled:
-        base = Path(data.base_dir)
+        base = epath.Path(data.base_dir)
         augmenter = augment_lib.Augmenter(
             augment_lib.AugmentConfig(
                 strategy=aug.strategy,
@@ -162,9 +175,9 @@ def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     return TrainExamples(crops, augmenter)
 
 
-def tfds_dir(data: ml_collections.ConfigDict) -> Path:
+def tfds_dir(data: ml_collections.ConfigDict) -> epath.Path:
     """Where the train split's ArrayRecords are: data.tfds_dir, by default <data.base_dir>/tfds."""
-    return Path(data.tfds_dir or speaker_corpus.default_data_dir(data.base_dir))
+    return epath.Path(data.tfds_dir or speaker_corpus.default_data_dir(data.base_dir))
 
 
 def train_labels(data: ml_collections.ConfigDict, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +190,8 @@ def load_source(data: ml_collections.ConfigDict):
     """The prepared `train` split (built on first use, resumed if interrupted) as a random-access source.
 
     A dataset TFDS did not finish writing is not prepared (it is built, or its build continued);
-    one whose shard files are missing is refused with an error naming its folder.
+    one whose shard files are missing is refused with an error naming its folder. One in a gs://
+    data dir is read from a copy on this host (speaker_corpus.local_copy: ArrayRecord reads local files).
     """
     for key in ("train_csv", "base_dir"):
         if not data.get(key):
@@ -192,4 +206,6 @@ def load_source(data: ml_collections.ConfigDict):
         workers=data.prepare_workers or None,
     )
     speaker_corpus.check_complete(builder)
+    if paths.is_remote(builder.data_path):
+        builder = speaker_corpus.local_copy(builder)
     return builder.as_data_source(split="train")

@@ -437,6 +437,12 @@ def _lost_run_errors() -> tuple[type[Exception], ...]:
     return (StorageFullError, *((train.NonFiniteLossError,) if train else ()))
 
 
+def _preempted() -> tuple[type[Exception], ...]:
+    """ssps_jax.preemption.Preempted if training was imported (the exit status says "run it again")."""
+    preemption = sys.modules.get("ssps_jax.preemption")
+    return (preemption.Preempted,) if preemption else ()
+
+
 def main(argv: list[str] | None = None) -> None:
     hardware.quiet_libtpu_off_tpu()  # before any command starts JAX
     args, extras = _parser().parse_known_args(argv)
@@ -454,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from e
     except _lost_run_errors() as e:
         raise SystemExit(f"error: {e}") from e
+    except _preempted() as e:  # stopped for a preemption, its step saved: the run printed its line
+        raise SystemExit(e.status) from None
 
 
 if __name__ == "__main__":

@@ -20,12 +20,16 @@ from ssps_jax.config_overrides import UsageError
 
 
 def _file(flag: str, path: str) -> None:
-    if not Path(path).is_file():
+    from etils import epath  # local paths and gs:// alike
+
+    if not epath.Path(path).is_file():
         raise UsageError(f"{flag}: file not found: {path}")
 
 
 def _folder(flag: str, path: str) -> None:
-    if not Path(path).is_dir():
+    from etils import epath
+
+    if not epath.Path(path).is_dir():
         raise UsageError(f"{flag}: folder not found: {path}")
 
 
@@ -75,16 +79,16 @@ def import_sslsv(args: argparse.Namespace) -> None:
     _file("MODEL.pt", args.checkpoint)
     from ssps_jax import sslsv_checkpoint
 
-    sslsv_checkpoint.import_sslsv(Path(args.checkpoint), args.config, Path(args.workdir))
+    sslsv_checkpoint.import_sslsv(args.checkpoint, args.config, args.workdir)
 
 
 def export(args: argparse.Namespace) -> None:
     _folder("--workdir", args.workdir)
-    out = Path(args.out)
+    out = args.out
     if args.format == "sslsv":
         from ssps_jax import sslsv_checkpoint
 
-        sslsv_checkpoint.export_sslsv(Path(args.workdir), out, args.step)
+        sslsv_checkpoint.export_sslsv(args.workdir, out, args.step)
         return
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise UsageError(f"--max-seconds must be > 0, got {args.max_seconds}")

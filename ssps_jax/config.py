@@ -24,9 +24,9 @@ working. `resolve_paths` is that rule, applied once where the config is used
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from data_pipelines import input_pipeline
 from data_pipelines.errors import ConfigError, InputError
@@ -220,9 +220,9 @@ def use_demo(config: ml_collections.ConfigDict, data_dir: str = "demo_data") -> 
 
 
 def _resolve(path: str | None, base_dir: str | None) -> str | None:
-    if not path or not base_dir or Path(path).is_absolute() or Path(path).exists():
+    if not path or not base_dir or epath.Path(path).is_absolute() or epath.Path(path).exists():
         return path
-    return str(Path(base_dir) / path)
+    return str(epath.Path(base_dir) / path)
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -330,9 +330,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         if not d[key]:
             _fail(f"data.{key}", "is required")
     resolved = resolve_paths(config)  # the paths train and evaluate use
-    if data_on_disk and not Path(d.base_dir).is_dir():
+    if data_on_disk and not epath.Path(d.base_dir).is_dir():
         _fail("data.base_dir", f"folder not found: {d.base_dir}")
-    if data_on_disk and not Path(resolved.data.train_csv).is_file():
+    if data_on_disk and not epath.Path(resolved.data.train_csv).is_file():
         _fail("data.train_csv", _not_found("file", d.train_csv, resolved.data.train_csv))
     if d.train_size < 0 or 0 < d.train_size < t.global_batch_size:
         _fail("data.train_size", f"must be 0 (unknown) or at least one global batch, got {d.train_size}")
@@ -349,7 +349,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
     _validate_ssps(config)
 
     for i, (trials, path) in enumerate(zip(config.eval.trials, resolved.eval.trials)):
-        if data_on_disk and not Path(path).is_file():
+        if data_on_disk and not epath.Path(path).is_file():
             _fail(f"eval.trials[{i}]", _not_found("file", trials, path))
     if config.eval.bucket_ratio <= 1:
         _fail("eval.bucket_ratio", f"must be > 1, got {config.eval.bucket_ratio}")

@@ -9,42 +9,79 @@ Only process 0 writes. The progress line is printed every `log_every_steps`
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
-from pathlib import Path
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
 
+from data_pipelines import paths
 from data_pipelines.staging import duration  # one format for every ETA (data_pipelines has no JAX)
 from ssps_jax import storage
 
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
 
 class MetricWriter:
-    """Scalars to TensorBoard (<workdir>/tensorboard) and to <workdir>/metrics.jsonl."""
+    """Scalars to TensorBoard (<workdir>/tensorboard) and to <workdir>/metrics.jsonl.
 
-    def __init__(self, workdir: str | Path):
+    A workdir on an object store (gs://) cannot be appended to: its objects are written whole. There
+    both files are written in a local folder and copied to the workdir by `sync()`, at most every
+    `sync_seconds` when scalars are written, at every checkpoint (train calls it, so that a resumed
+    run's metrics.jsonl misses no step) and at `close()`; metrics.jsonl is first copied from the
+    workdir, so a resumed run appends to it. tensorboardX's own gs:// writer is not used: it needs
+    google-cloud-storage's client beside epath's, and would upload its file at its own moments, not
+    with metrics.jsonl at the checkpoints.
+    """
+
+    def __init__(self, workdir: epath.PathLike, sync_seconds: float = 60.0):
         self.active = jax.process_index() == 0
-        if self.active:
-            workdir = Path(workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-            self._jsonl = (workdir / "metrics.jsonl").open("a")
+        if not self.active:
+            return
+        self.workdir = epath.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._remote = paths.is_remote(self.workdir)
+        self._local = epath.Path(tempfile.mkdtemp(prefix="ssps_jax_metrics_")) if self._remote else self.workdir
+        if self._remote and (self.workdir / METRICS).exists():
+            (self.workdir / METRICS).copy(self._local / METRICS)
+        self._sync_seconds, self._synced = sync_seconds, time.monotonic()
+        self._tb = SummaryWriter(os.fspath(self._local / TENSORBOARD))
+        self._jsonl = (self._local / METRICS).open("a")
 
     def write(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         if not self.active:
             return
-        with storage.writing(self._jsonl.name, "metrics"):
+        with storage.writing(self.workdir / METRICS, "metrics"):
             for key, value in scalars.items():
                 self._tb.add_scalar(f"{kind}/{key}", value, step)
             self._jsonl.write(json.dumps({"kind": kind, "step": step, **scalars}) + "\n")
             self._jsonl.flush()
+        if self._remote and time.monotonic() - self._synced >= self._sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copies what was written to a remote workdir (nothing to do for a local one)."""
+        if not (self.active and self._remote):
+            return
+        with storage.writing(self.workdir / METRICS, "metrics"):
+            self._tb.flush()
+            (self._local / METRICS).copy(self.workdir / METRICS, overwrite=True)
+            for event_file in (self._local / TENSORBOARD).iterdir():
+                event_file.copy(self.workdir / TENSORBOARD / event_file.name, overwrite=True)
+        self._synced = time.monotonic()
 
     def close(self) -> None:
         if self.active:
-            with storage.writing(self._jsonl.name, "metrics"):
+            with storage.writing(self.workdir / METRICS, "metrics"):
                 self._tb.close()
                 self._jsonl.close()
+            if self._remote:
+                self.sync()
+                self._local.rmtree()
 
 
 class Progress:

@@ -20,14 +20,14 @@ import json
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import ml_collections
+from etils import epath
 from jax.experimental import multihost_utils
 
 from data_pipelines import input_pipeline
-from ssps_jax import checkpoint, methods, sharding
+from ssps_jax import checkpoint, methods, preemption, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.build import build
 from ssps_jax.evaluation import verification
@@ -49,7 +49,7 @@ def _load_source(config: ml_collections.ConfigDict):
     return source if jax.process_index() == 0 else input_pipeline.load_source(config.data)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """Writes <workdir>/config.json (process 0), keeping a different earlier one as config.json.previous."""
     if jax.process_index() != 0:
         return
@@ -57,13 +57,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     if path.exists() and path.read_text() != text:
         say(f"note: the config differs from the one {workdir} was started with; the old one is config.json.previous")
-        path.rename(workdir / "config.json.previous")
+        path.replace(workdir / "config.json.previous")
     path.write_text(text)
 
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: epath.PathLike,
     on_step: Callable[[int, TrainState], None] | None = None,
 ) -> dict:
     """Trains or resumes; returns the last evaluation's results ({} if none ran).
@@ -71,12 +71,10 @@ def train(
     `on_step(steps_done, state)` is called after each step is dispatched (tests
     use it to look at the state, or to interrupt a run).
     """
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size)
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)  # as written: `evaluate` resolves it again, where it runs
-    config = config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
+    written, config = config, config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
 
     source = _load_source(config)
     batch_size = config.train.global_batch_size
@@ -102,9 +100,16 @@ def train(
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", config.train.keep_checkpoints, config.train.async_checkpoints
     )
-    if (restored := ckpt.restore_newest(state, iterator)) is not None:
+    try:  # a checkpoint of another model is refused here, before anything is written to the workdir
+        restored = ckpt.restore_newest(state, iterator, config=config)
+    except BaseException:
+        ckpt.close()
+        iterator.close()
+        raise
+    if restored is not None:
         latest, state, _ = restored
         say(f"resumed from the checkpoint of step {latest} in {workdir}")
+    save_config(written, workdir)  # as written: `evaluate` resolves it again, where it runs
     start = int(state.step)
     say(
         f"{len(source)} utterances, {per_epoch} steps of {batch_size} per epoch, {config.train.epochs} epochs, "
@@ -158,6 +163,8 @@ def train(
         epoch_end = done % per_epoch == 0
         return bool(evaluator and epoch_end and every and ((done // per_epoch) % every == 0 or done == stop))
 
+    # From here on SIGTERM / SIGINT stop every process at one step, saved (ssps_jax/preemption.py).
+    watch = preemption.Watch(ckpt.manager).start()
     try:
         if evaluator and config.eval.at_start and start == 0:
             evaluate(0)
@@ -178,9 +185,16 @@ def train(
             if on_step is not None:
                 on_step(done, state)
             epoch_end = done % per_epoch == 0
-            if epoch_end or done % config.train.checkpoint_every_steps == 0:
+            preempted = watch.reached(done)  # every process, every step: they stop at the same one
+            if epoch_end or done % config.train.checkpoint_every_steps == 0 or preempted:
                 drain()  # never checkpoint a state whose loss has not been checked
                 ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
+                writer.sync()  # a gs:// workdir's metrics.jsonl holds every step up to the checkpoint
+            if preempted:
+                ckpt.wait()
+                stopped = preemption.Preempted(done, ckpt.directory)
+                say(str(stopped))
+                raise stopped  # the CLI exits with preemption.PREEMPTED; a rerun resumes from `done`
             if evaluation_due(done):
                 ckpt.wait()  # the epoch's checkpoint committed first: a kill during a long evaluation retrains nothing
                 evaluate(done)
@@ -188,16 +202,19 @@ def train(
         if start >= stop:
             say(f"{workdir} has already trained all {stop} steps")
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        iterator.close()
+        try:
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+            iterator.close()
+        finally:
+            watch.stop()  # last: a signal while the above runs is still a preemption's, not a KeyboardInterrupt
     return last_results
 
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def load_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
-    path = Path(workdir) / "config.json"
+    path = epath.Path(workdir) / "config.json"
     if not path.is_file():
         raise config_lib.ConfigError(f"{path} not found: is {workdir} a training workdir?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))

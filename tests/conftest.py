@@ -8,6 +8,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
+from gcs import gcs_bucket  # noqa: F401  (a fixture: gs://bucket on a GCS emulator)
 
 from data_pipelines import speaker_corpus
 from data_pipelines.demo_corpus import corpus

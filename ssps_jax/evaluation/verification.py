@@ -33,16 +33,16 @@ import csv
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import soundfile as sf
+from etils import epath
 from jax.sharding import Mesh
 
-from data_pipelines import audio_io
+from data_pipelines import audio_io, paths
 from data_pipelines.errors import ConfigError, InputError
-from data_pipelines.manifests import read_trials
+from data_pipelines.manifests import csv_text, read_trials
 from ssps_jax import storage
 from ssps_jax.evaluation import metrics, scoring
 from ssps_jax.evaluation.embedding import Embedder, l2_normalise
@@ -52,8 +52,8 @@ NORMALISATIONS = ("s-norm", "as-norm")
 MIN_SECONDS = 0.1  # shorter test files are errors: too short to embed
 
 
-def trial_list_name(path: str | Path) -> str:
-    name = Path(path).name
+def trial_list_name(path: epath.PathLike) -> str:
+    name = epath.Path(path).name
     return name[: -len(".txt")] if name.endswith(".txt") else name
 
 
@@ -69,9 +69,9 @@ class TrialList:
     labels: np.ndarray  # (T,) int8: 1 target, 0 non-target
 
 
-def read_trial_lists(paths: list[str], base_dir: str | Path) -> tuple[list[str], list[TrialList]]:
+def read_trial_lists(lists: list[str], base_dir: epath.PathLike) -> tuple[list[str], list[TrialList]]:
     """(unique files, sorted; each list as index pairs into them). Every listed file must exist under base_dir."""
-    parsed = [(trial_list_name(p), read_trials(p, base_dir=base_dir)) for p in paths]
+    parsed = [(trial_list_name(p), read_trials(p, base_dir=base_dir)) for p in lists]
     files = sorted({f for _, trials in parsed for t in trials for f in (t.enrol, t.test)})
     row = {f: i for i, f in enumerate(files)}
     lists = []
@@ -81,10 +81,11 @@ def read_trial_lists(paths: list[str], base_dir: str | Path) -> tuple[list[str],
     return files, lists
 
 
-def audio_length(path: Path) -> int:
+def audio_length(path: epath.Path) -> int:
     """Samples of `path` at 16 kHz: from its header when it is 16 kHz and libsndfile reads it, else by decoding."""
     try:
-        info = sf.info(str(path))
+        with paths.readable(path) as source:
+            info = sf.info(source)
         frames = info.frames if info.samplerate == audio_io.SAMPLE_RATE else 0
     except (sf.LibsndfileError, RuntimeError, ValueError):
         frames = 0
@@ -95,10 +96,10 @@ def audio_length(path: Path) -> int:
     return frames
 
 
-def audio_lengths(paths: list[Path], threads: int = 8) -> list[int]:
-    """`audio_length` of every path, read in a thread pool (headers: I/O-bound)."""
+def audio_lengths(files: list[epath.Path], threads: int = 8) -> list[int]:
+    """`audio_length` of every file, read in a thread pool (headers: I/O-bound)."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(audio_length, paths))
+        return list(pool.map(audio_length, files))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,20 +107,19 @@ class Cohort:
     """Train utterances whose embeddings score the impostor statistics of S-Norm / AS-Norm."""
 
     files: list[str]  # relative to base_dir
-    base_dir: Path
+    base_dir: epath.Path
     crop: int  # samples; 0: whole utterances
     seed: int
 
     @classmethod
-    def draw(cls, train_csv: str | Path, base_dir: str | Path, size: int, seconds: float, seed: int) -> Cohort:
+    def draw(cls, train_csv: epath.PathLike, base_dir: epath.PathLike, size: int, seconds: float, seed: int) -> Cohort:
         """`size` files of the CSV's File column (all when it has fewer), drawn without replacement with `seed`."""
-        with open(train_csv, newline="") as f:
-            files = [row["File"] for row in csv.DictReader(f)]
+        files = [row["File"] for row in csv.DictReader(csv_text(train_csv))]
         rng = np.random.default_rng(seed)
         picked = [files[i] for i in np.sort(rng.choice(len(files), min(size, len(files)), replace=False))]
-        if missing := [f for f in picked if not (Path(base_dir) / f).is_file()]:  # fail now, not mid-evaluation
+        if missing := [f for f in picked if not (epath.Path(base_dir) / f).is_file()]:  # fail now, not mid-evaluation
             raise InputError(f"{train_csv}: {len(missing)} cohort file(s) not under {base_dir}, e.g. {missing[0]}")
-        return cls(picked, Path(base_dir), round(seconds * audio_io.SAMPLE_RATE), seed)
+        return cls(picked, epath.Path(base_dir), round(seconds * audio_io.SAMPLE_RATE), seed)
 
     def lengths(self, threads: int = 8) -> list[int]:
         """Upper bounds of the cropped lengths: the crop itself (no header read: one bucket), or the whole file's."""
@@ -139,7 +139,7 @@ class TrialEvaluator:
     def __init__(
         self,
         trial_paths: list[str],
-        base_dir: str | Path,
+        base_dir: epath.PathLike,
         embedder: Embedder,
         cohort: Cohort | None = None,
         normalisations: tuple[str, ...] = (),
@@ -152,7 +152,7 @@ class TrialEvaluator:
         if normalisations and cohort is None:
             raise ValueError(f"{normalisations} need a cohort")
         self.embedder = embedder
-        self.base_dir = Path(base_dir)
+        self.base_dir = epath.Path(base_dir)
         self.files, self.lists = read_trial_lists(trial_paths, base_dir)
         self.read_threads = read_threads
         self.lengths = audio_lengths([self.base_dir / f for f in self.files], read_threads)
@@ -220,13 +220,13 @@ class TrialEvaluator:
         ci = scoring.bootstrap_metrics(scores, labels, self.bootstrap, self.confidence, self.seed)
         return {k: v for name in point for k, v in ((name, float(point[name])), (f"{name}_ci", list(ci[name])))}
 
-    def write(self, out_dir: str | Path, results: dict, scores: dict, extra: dict | None = None) -> None:
+    def write(self, out_dir: epath.PathLike, results: dict, scores: dict, extra: dict | None = None) -> None:
         """Per trial list and score kind `<list>[.<norm>].scores.txt` ("score label enrol test"), then metrics.json.
 
         metrics.json is written last, so that its presence means the evaluation's outputs are complete
         (a resumed run evaluates again a step whose metrics.json is missing); a full disk stops with one line.
         """
-        out = Path(out_dir)
+        out = epath.Path(out_dir)
         with storage.writing(out, "evaluation results"):
             out.mkdir(parents=True, exist_ok=True)
             for t in self.lists:
