@@ -31,6 +31,7 @@ from pathlib import Path
 import flax.linen as nn
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io
@@ -200,12 +201,13 @@ class Threshold:
         return "same" if score >= self.value else "different"
 
 
-def stored_threshold(workdir: str | Path, kind: str, step: int) -> Threshold | None:
+def stored_threshold(workdir: epath.PathLike, kind: str, step: int) -> Threshold | None:
     """The EER threshold of `kind` scores that an evaluation stored in `workdir`: that of checkpoint `step`'s
     evaluation, else of the newest one; of its first trial list. None when no evaluation stored one."""
     import json
 
-    evaluations = {int(p.parent.name.removeprefix("step_")): p for p in Path(workdir).glob("eval/step_*/metrics.json")}
+    found = epath.Path(workdir).glob("eval/step_*/metrics.json")
+    evaluations = {int(p.parent.name.removeprefix("step_")): p for p in found}
     if not evaluations:
         return None
     at = step if step in evaluations else max(evaluations)

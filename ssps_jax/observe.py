@@ -132,10 +132,10 @@ class Progress:
         """The end-of-run line: steps this process ran, their time, its samples/s and steps/s."""
         step, running = self._latest
         rates = self.overall()
+        evaluating = f" (+{_duration(self._paused)} evaluating)" if self._paused else ""
         return (
-            f"trained steps {self.start + 1}-{step} of {self.total} in {_duration(running)} "
-            f"(+{_duration(self._paused)} evaluating): {rates['samples_per_s']:.1f} samples/s, "
-            f"{rates['steps_per_s']:.2f} steps/s after the first step"
+            f"trained steps {self.start + 1}-{step} of {self.total} in {_duration(running)}{evaluating}: "
+            f"{rates['samples_per_s']:.1f} samples/s, {rates['steps_per_s']:.2f} steps/s after the first step"
         )
 
 
