@@ -68,7 +68,6 @@ _DTYPE_BYTES = {"pred": 1, "bf16": 2}
 
 def topology_devices(name: str) -> list:
     """Every device of the TPU slice `name` (e.g. "v5e:4x4"), across all its hosts."""
-    hardware.quiet_libtpu_off_tpu()
     from jax.experimental import topologies
 
     try:

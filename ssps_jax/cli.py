@@ -2,6 +2,7 @@
 
 ssps-jax train           train (or resume) a run: --config FILE --workdir DIR [--config.KEY=VALUE ...]
 ssps-jax evaluate        a checkpoint of a run on trial lists
+ssps-jax plot            a run's training curves and last DET curves, as PNG
 ssps-jax extract         embeddings of a list of recordings into one .npz (resumable)
 ssps-jax score           the score of two recordings with a trained model
 ssps-jax import-sslsv    a workdir from an sslsv (PyTorch) checkpoint
@@ -31,7 +32,7 @@ import sys
 from collections.abc import Callable
 
 from data_pipelines.errors import ConfigError, InputError
-from ssps_jax import commands, config_overrides, hardware
+from ssps_jax import commands, config_overrides
 from ssps_jax.config_overrides import UsageError
 
 # One line per section of base_config() in `train --help`; the list itself comes from base_config(),
@@ -176,6 +177,14 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--base-dir", metavar="DIR", help="folder the trial paths are relative to (default: the config's)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
 
+    p = command(
+        "plot",
+        commands.plot,
+        "training curves (metrics.jsonl) and the DET curves of the last evaluation of a workdir, as PNG in "
+        "WORKDIR/plots/",
+    )
+    p.add_argument("workdir", metavar="WORKDIR", help="a training workdir (any run, finished or not)")
+
     p = command("demo", commands.demo, "the CPU demo: SimCLR, then continued with and without SSPS, compared")
     p.add_argument(
         "--oracle",
@@ -211,7 +220,7 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_model_use(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """The commands that take a trained model out of its workdir (README: "Using a trained model")."""
+    """The commands that take a trained model out of its workdir (docs/usage.md: "Using a trained model")."""
     step = dict(type=int, help="checkpoint step (default: the newest readable one)")
     p = command("extract", commands.extract, "L2-normalised embeddings of a list of recordings, into one .npz")
     p.add_argument("--workdir", required=True, metavar="DIR", help="a training (or imported) workdir")
@@ -232,11 +241,22 @@ def _add_model_use(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="files per resumable part (<out>.parts/; default: %(default)s)",
     )
 
-    p = command("score", commands.score, "score two recordings with a trained model: cosine (and S/AS-Norm)")
+    p = command(
+        "score",
+        commands.score,
+        "score two recordings with a trained model: cosine (and S/AS-Norm), and same / different speaker",
+    )
     p.add_argument("workdir", metavar="WORKDIR", help="a training (or imported) workdir")
     p.add_argument("audio", nargs=2, metavar="AUDIO", help="two recordings (any format prepare reads)")
     p.add_argument("--step", **step)
     p.add_argument("--no-norm", action="store_true", help="cosine only, even when eval.score_norm is set")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="say same / different speaker against T, on the last score printed (default: the EER threshold the "
+        "workdir's evaluation of that checkpoint, or else its newest one, stored for that score)",
+    )
 
     p = command("import-sslsv", commands.import_sslsv, "make a workdir from an sslsv (PyTorch) checkpoint")
     p.add_argument("checkpoint", metavar="MODEL.pt", help="sslsv's model_*.pt ({'model': state_dict, ...})")
@@ -299,7 +319,12 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--workers", type=_comma_ints, default="1,2", metavar="N,N,...", help="process counts (default: %(default)s)"
     )
-    p.add_argument("--storage", choices=("int16", "flac"), default="int16")
+    p.add_argument(
+        "--storage",
+        choices=("int16", "flac"),
+        default="int16",
+        help="how the records hold audio, as `prepare --storage` (default: %(default)s)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
 
     p = command(
@@ -316,11 +341,21 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         ("neighbours", 1, "M: neighbour clusters"),
     ):
         p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
-    p.add_argument("--sampling", default="kmeans-repr", choices=("kmeans-repr", "kmeans", "knn"))
-    p.add_argument("--queue-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--repeats", type=int, default=3, help="timed k-means runs (median)")
-    p.add_argument("--steps", type=int, default=20, help="timed sampling steps (median)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument(
+        "--sampling",
+        default="kmeans-repr",
+        choices=("kmeans-repr", "kmeans", "knn"),
+        help="SSPS variant whose sampling is timed, as config.ssps.sampling (default: %(default)s)",
+    )
+    p.add_argument(
+        "--queue-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of the queues, as config.ssps.queue_dtype (default: %(default)s)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed k-means runs, median (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="timed sampling steps, median (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
 
 
 def _add_compile(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -355,7 +390,9 @@ def _add_compile(command: Callable[..., argparse.ArgumentParser]) -> None:
 def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("prepare-demo", commands.prepare_demo, "write the embedded multi-session demo corpus")
     p.add_argument("out", help="output folder (the corpus base folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="the corpus's seed: the same seed writes the same files (default: 0)"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of speakers (default 60 + 20)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="synthesis processes")
     for name, kind in (
@@ -376,7 +413,7 @@ def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("root", help="e.g. data/voxceleb2")
     p.add_argument("--out", required=True, metavar="FILE", help="the CSV to write")
     p.add_argument("--base-dir", metavar="DIR", help="paths are written relative to it (default: the parent of ROOT)")
-    p.add_argument("--ext", default="wav")
+    p.add_argument("--ext", default="wav", help="extension of the audio files listed, e.g. m4a (default: %(default)s)")
     p.add_argument(
         "--exclude-trials",
         action="extend",
@@ -444,7 +481,6 @@ def _preempted() -> tuple[type[Exception], ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    hardware.quiet_libtpu_off_tpu()  # before any command starts JAX
     args, extras = _parser().parse_known_args(argv)
     command = args.command_parser
     try:

@@ -50,6 +50,17 @@ def evaluate(args: argparse.Namespace) -> None:
     evaluate_run(args.workdir, args.trials, args.base_dir, args.step)
 
 
+def plot(args: argparse.Namespace) -> None:
+    _folder("WORKDIR", args.workdir)
+    from ssps_jax import plot as plot_lib
+
+    written = plot_lib.plot(args.workdir)
+    if not written:
+        raise InputError(f"{args.workdir} has neither metrics.jsonl nor an evaluation's scores: nothing to plot")
+    for path in written:
+        print(f"wrote {path}")
+
+
 def extract(args: argparse.Namespace) -> None:
     _folder("--workdir", args.workdir)
     if args.base_dir:
@@ -68,11 +79,29 @@ def score(args: argparse.Namespace) -> None:
     _folder("WORKDIR", args.workdir)
     for path in args.audio:
         _file("AUDIO", path)
-    from ssps_jax.inference import Verifier
+    from ssps_jax.inference import Threshold, Verifier, stored_threshold
 
     verifier = Verifier.from_workdir(args.workdir, args.step, normalise=not args.no_norm)
-    for kind, value in verifier.scores(*args.audio).items():
+    scores = verifier.scores(*args.audio)
+    for kind, value in scores.items():
         print(f"{kind:<8}{value:.6f}")
+    # The decision is on the most normalised score the workdir evaluates with (the last of eval.score_norm).
+    kind = list(scores)[-1]
+    if args.threshold is not None:
+        threshold = Threshold(args.threshold, kind, "--threshold")
+    else:
+        threshold = stored_threshold(args.workdir, kind, verifier.step)
+    if threshold is None:
+        print(
+            f"no decision: no --threshold, and no evaluation in {args.workdir}/eval stored an EER threshold "
+            f"(ssps-jax evaluate --workdir {args.workdir} stores one)"
+        )
+        return
+    relation = ">=" if scores[kind] >= threshold.value else "<"
+    print(
+        f"{threshold.decide(scores[kind])}: {kind} {scores[kind]:.6f} {relation} threshold {threshold.value:.6f} "
+        f"({threshold.source})"
+    )
 
 
 def import_sslsv(args: argparse.Namespace) -> None:

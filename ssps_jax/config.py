@@ -15,9 +15,9 @@ Relative paths in the data and eval sections (data.train_csv, data.tfds_dir,
 the MUSAN / RIR folders, eval.trials, eval.base_dir) are relative to
 data.base_dir, unless they exist as given (relative to the working
 directory); data.base_dir itself is relative to the working directory. So
-`--config.data.base_dir=/mnt/shared/data` moves a whole VoxCeleb layout, and
-configs whose paths already include their base folder (`use_demo`) keep
-working. `resolve_paths` is that rule, applied once where the config is used
+`--config.data.base_dir=/mnt/shared/data` moves a whole VoxCeleb layout (and
+`--config.data.base_dir=DIR` a demo corpus), while configs whose paths already
+include their base folder keep working. `resolve_paths` is that rule, applied once where the config is used
 (validate, train, evaluate, bench-input).
 """
 
@@ -34,7 +34,7 @@ from ssps_jax import methods
 from ssps_jax.evaluation.verification import NORMALISATIONS, score_norms
 from ssps_jax.ssps.sampling import METHODS as SSPS_METHODS
 
-__all__ = ["ConfigError", "base_config", "resolve_paths", "use_method", "validate"]
+__all__ = ["ConfigError", "base_config", "ineffective_settings", "resolve_paths", "use_method", "validate"]
 
 ENCODERS = ("ecapa_tdnn", "resnet34")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -138,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def use_voxceleb(config: ml_collections.ConfigDict, data_dir: str = "data") -> ml_collections.ConfigDict:
-    """Train on VoxCeleb2, evaluate on VoxCeleb1-O, in the layout of README "VoxCeleb from a manual download".
+    """Train on VoxCeleb2, evaluate on VoxCeleb1-O, in the layout of docs/data.md "VoxCeleb from a manual download".
 
     The CSV and trial list are named relative to data.base_dir (`resolve_paths`), so overriding
     `--config.data.base_dir` moves them with it.
@@ -201,18 +201,22 @@ def use_demo_ssps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def use_demo(config: ml_collections.ConfigDict, data_dir: str = "demo_data") -> ml_collections.ConfigDict:
-    """The CPU demo's setting: ECAPA-TDNN C=128 on the embedded corpus (`ssps-jax prepare-demo`), batch 64."""
+    """The CPU demo's setting: ECAPA-TDNN C=128 on the embedded corpus (`ssps-jax prepare-demo`), batch 64.
+
+    The CSV and trial list are named relative to data.base_dir (`resolve_paths`), as in `use_voxceleb`:
+    `--config.data.base_dir=DIR` trains on a corpus that `ssps-jax prepare-demo DIR` wrote.
+    """
     config.model.encoder = "ecapa_tdnn"
     config.model.encoder_dim = 128
     config.model.ecapa_tdnn.channels = (128, 128, 128, 128, 384)
     config.model.ecapa_tdnn.attention_channels = 64
     config.model.ecapa_tdnn.se_channels = 32
-    config.data.train_csv = f"{data_dir}/demo_train.csv"
+    config.data.train_csv = "demo_train.csv"
     config.data.base_dir = data_dir
     config.data.train_size = 1080  # the default corpus: 60 speakers x 3 sessions x 6 utterances
     config.data.workers = 1
     config.train.global_batch_size = 64
-    config.eval.trials = (f"{data_dir}/demo_trials.txt",)
+    config.eval.trials = ("demo_trials.txt",)
     config.eval.batch_size = 32
     config.eval.bucket_ratio = 1.5
     config.eval.min_bucket_seconds = 3.0
@@ -405,3 +409,51 @@ def _validate_ssps(config: ml_collections.ConfigDict) -> None:
         _fail("ssps.oracle_purity", f"must be in [0, 1], got {s.oracle_purity}")
     if s.oracle_purity != 1 and s.sampling != "oracle":
         _fail("ssps.oracle_purity", f"only oracle sampling has a purity to set (ssps.sampling is {s.sampling!r})")
+
+
+def ineffective_settings(config: ml_collections.ConfigDict) -> list[str]:
+    """One line per setting of a valid `config` that cannot take effect in its run (train warns with them).
+
+    What a schedule starts after the last epoch (SSPS, optim.lr_scale, the end of a warmup), evaluation
+    settings without a trial list, and another method's section set away from its defaults. The schedules are
+    checked against train.epochs, not train.stop_at_epoch: a run stopped early is meant to be continued.
+    Keys that a switched-off feature or another variant would read (ssps.* with ssps.enabled False, the
+    k-means keys under knn) are not reported: keeping them is how a config is switched.
+    """
+    lines = []
+    epochs = config.train.epochs
+    s, o, e = config.ssps, config.optim, config.eval
+    if s.enabled and s.start_epoch >= epochs:
+        lines.append(
+            f"config.ssps.start_epoch: SSPS would sample from epoch {s.start_epoch + 1}, after the last epoch "
+            f"(train.epochs = {epochs}): this run trains without it"
+        )
+    if o.lr_scale != 1 and not 0 < o.lr_scale_from_epoch < epochs:
+        lines.append(
+            f"config.optim.lr_scale: {o.lr_scale:g} never applies: optim.lr_scale_from_epoch is "
+            f"{o.lr_scale_from_epoch} (0 means never; it must be below train.epochs = {epochs})"
+        )
+    if o.schedule == "warmup_cosine" and o.warmup_epochs >= epochs:
+        lines.append(
+            f"config.optim.warmup_epochs: {o.warmup_epochs:g} >= train.epochs = {epochs}: the learning rate "
+            "never reaches optim.learning_rate"
+        )
+    if not e.trials:
+        for key in ("at_start", "score_norm"):
+            if e[key]:
+                lines.append(f"config.eval.{key}: set, but eval.trials is empty: nothing is evaluated")
+    default = base_config()
+    for name in methods.REGISTRY:
+        section, base = config[name], default[name]
+        changed = [k for k in section if k in base and _differs(section[k], base[k])]
+        if name != config.method and changed:
+            lines.append(f"config.{name}.{changed[0]}: set, but config.method is {config.method!r}: not read")
+    return lines
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, ml_collections.ConfigDict) or isinstance(b, ml_collections.ConfigDict):
+        return a.to_dict() != b.to_dict()
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return tuple(a) != tuple(b)
+    return a != b

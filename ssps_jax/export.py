@@ -11,8 +11,9 @@ The exported function, in both formats:
 It is the model's `embed` (DINO: the teacher's variables) with the checkpoint's
 variables baked in as constants, then L2-normalised: the embedding evaluation
 and `Verifier.embed` compute, up to float32 rounding. Beside every artefact
-`export` writes `<stem>.json`: workdir, checkpoint step, model config, sample
-rate, input shapes, output dim (so give the two formats different stems).
+`export` writes `<artefact>.json` (`encoder.onnx.json`, `encoder.stablehlo.json`:
+exports into one folder never overwrite each other's): workdir, checkpoint
+step, model config, sample rate, input shapes, output dim. It prints both paths.
 
 StableHLO (`jax.export`, `.stablehlo`): B and L are both symbolic, so one
 artefact takes any batch of any length; `load_stablehlo` (or
@@ -66,6 +67,7 @@ from data_pipelines.errors import InputError
 from data_pipelines.paths import is_remote
 from ssps_jax.evaluation.verification import MIN_SECONDS
 from ssps_jax.inference import TrainedModel
+from ssps_jax.observe import say
 
 SAMPLE_RATE = audio_io.SAMPLE_RATE
 FORMATS = ("onnx", "stablehlo")
@@ -92,7 +94,7 @@ def embedding_function(trained: TrainedModel) -> Callable[[jax.Array, jax.Array]
 
 
 def export_stablehlo(trained: TrainedModel, out: epath.PathLike, max_seconds: float | None = None) -> epath.Path:
-    """Writes `out` (serialized jax.export.Exported) and its `.json`; returns `out`.
+    """Writes `out` (serialized jax.export.Exported) and `<out>.json`; returns `out`.
 
     B and L are symbolic; `max_seconds` fixes L to round(max_seconds * 16000) instead.
     """
@@ -133,7 +135,7 @@ def load_stablehlo(path: epath.PathLike) -> Callable[[np.ndarray, np.ndarray], n
 
 
 def export_onnx(trained: TrainedModel, out: epath.PathLike, max_seconds: float = 20.0) -> epath.Path:
-    """Writes `out` (ONNX, opset 23; inputs "wave" (B, L), "lengths" (B,); output "embedding") and its `.json`.
+    """Writes `out` (ONNX, opset 23; inputs "wave" (B, L), "lengths" (B,); output "embedding") and `<out>.json`.
 
     B is symbolic, L = round(max_seconds * 16000): pad shorter recordings, crop longer ones. It computes
     in float32, also for a model trained with model.dtype bfloat16 (the JSON's model.dtype says so).
@@ -311,8 +313,9 @@ def export(trained: TrainedModel, out: epath.PathLike, fmt: str, max_seconds: fl
 
 
 def metadata_path(artefact: epath.PathLike) -> epath.Path:
-    """The JSON written beside an exported artefact."""
-    return epath.Path(artefact).with_suffix(".json")
+    """The JSON written beside an exported artefact: its name + `.json` (one per artefact, whatever its format)."""
+    artefact = epath.Path(artefact)
+    return artefact.with_name(artefact.name + ".json")
 
 
 def _input_structs(batch, length) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
@@ -323,8 +326,6 @@ def _destination(out: epath.PathLike, fmt: str) -> epath.Path:
     out = epath.Path(out)
     if not is_remote(out) and not out.parent.is_dir():  # an object store has no folders to check
         raise InputError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.suffix == ".json":
-        raise InputError(f"cannot write {out}: .json is the name of the metadata beside it; use {SUFFIXES[fmt]}")
     return out
 
 
@@ -398,3 +399,8 @@ def _write_metadata(trained: TrainedModel, out: epath.Path, fmt: str, length: in
         **extra,
     }
     metadata_path(out).write_text(json.dumps(meta, indent=2) + "\n")
+    shape = f"(B, {'L' if length is None else length})"
+    say(
+        f"wrote {out} ({fmt}: wave {shape} float32, lengths (B,) int32 -> embedding (B, {int(dim)}); "
+        f"{trained.workdir} step {trained.step}) and its description {metadata_path(out)}"
+    )

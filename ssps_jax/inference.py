@@ -189,6 +189,38 @@ class Verifier:
         return self._cohort_embeddings
 
 
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A decision threshold on one kind of score (accept: score >= value), and where it came from."""
+
+    value: float
+    kind: str  # "cosine", "s-norm", "as-norm"
+    source: str
+
+    def decide(self, score: float) -> str:
+        return "same" if score >= self.value else "different"
+
+
+def stored_threshold(workdir: epath.PathLike, kind: str, step: int) -> Threshold | None:
+    """The EER threshold of `kind` scores that an evaluation stored in `workdir`: that of checkpoint `step`'s
+    evaluation, else of the newest one; of its first trial list. None when no evaluation stored one."""
+    import json
+
+    found = epath.Path(workdir).glob("eval/step_*/metrics.json")
+    evaluations = {int(p.parent.name.removeprefix("step_")): p for p in found}
+    if not evaluations:
+        return None
+    at = step if step in evaluations else max(evaluations)
+    path = evaluations[at]
+    results = json.loads(path.read_text()).get("results", {})
+    for name, r in results.items():  # the first list the evaluation ran (eval.trials' order)
+        value = r.get(kind, {}).get("eer_threshold")
+        if value is not None:
+            model = "" if at == step else f", not of the checkpoint scored (step {step})"
+            return Threshold(float(value), kind, f"the EER threshold of {name} at step {at}{model}, from {path}")
+    return None
+
+
 def _waveform(audio: Audio) -> np.ndarray:
     if isinstance(audio, (str, os.PathLike)):
         return audio_io.read_audio(audio, min_seconds=MIN_SECONDS).samples

@@ -31,7 +31,7 @@ from ssps_jax import checkpoint, methods, preemption, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.build import build
 from ssps_jax.evaluation import verification
-from ssps_jax.observe import MetricWriter, Progress, say
+from ssps_jax.observe import MetricWriter, Progress, duration, say
 from ssps_jax.train_state import TrainState
 
 
@@ -71,11 +71,17 @@ def train(
     `on_step(steps_done, state)` is called after each step is dispatched (tests
     use it to look at the state, or to interrupt a run).
     """
+    began = time.perf_counter()
     workdir = epath.Path(workdir)
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size)
+    for line in config_lib.ineffective_settings(config):
+        say(f"warning: {line}")
     written, config = config, config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
 
+    # Everything that can refuse the run does so before the workdir is written: the config, then what needs
+    # the prepared data (prepared on first use, in its own folder): the SSPS sizes against the dataset's, the
+    # labels a method or the oracle needs (build), the test files' headers (the evaluator).
     source = _load_source(config)
     batch_size = config.train.global_batch_size
     # The index file's labels feed the SSPS diagnostics and the methods trained on them (supervised):
@@ -122,7 +128,8 @@ def train(
     def evaluate(step: int) -> None:
         nonlocal last_results
         started = time.perf_counter()
-        results, scores = evaluator.evaluate(run.eval_variables(state))
+        with progress.paused():
+            results, scores = evaluator.evaluate(run.eval_variables(state))
         seconds = time.perf_counter() - started
         if jax.process_index() == 0:
             evaluator.write(
@@ -134,7 +141,7 @@ def train(
             say(f"  {line}")
         last_results = results
 
-    progress = Progress(stop, per_epoch, batch_size, start, config.train.log_every_steps)
+    progress = Progress(stop, per_epoch, batch_size, start)
     pending: list[tuple[int, dict]] = []
 
     def drain() -> None:
@@ -151,9 +158,10 @@ def train(
                     "and running the same command again resumes from it: lower optim.learning_rate or set "
                     "optim.clip_grad_norm first."
                 )
+            progress.finished(done)
             if done % config.train.log_every_steps == 0 or done == stop:
                 metrics["lr"] = float(run.schedule(done - 1))
-                metrics.update(progress.rates(done))
+                metrics.update(progress.rates())
                 writer.write(done, metrics)
                 say(progress.line(done, metrics))
         pending.clear()
@@ -201,6 +209,9 @@ def train(
         drain()
         if start >= stop:
             say(f"{workdir} has already trained all {stop} steps")
+        else:
+            say(progress.summary())
+            _say_where(workdir, last_results, ckpt.latest_step(), time.perf_counter() - began)
     finally:
         try:
             ckpt.wait()
@@ -210,6 +221,20 @@ def train(
         finally:
             watch.stop()  # last: a signal while the above runs is still a preemption's, not a KeyboardInterrupt
     return last_results
+
+
+def _say_where(workdir: epath.Path, results: dict, step: int | None, seconds: float) -> None:
+    """The end of a run: its wall time, its last evaluation, and where its files are."""
+    for name, r in results.items():
+        kinds = [k for k in r if k != "trials"]
+        say(f"last evaluation, {name}: " + ", ".join(f"{k} EER {100 * r[k]['eer']:.2f}%" for k in kinds))
+    evaluations = sorted((workdir / "eval").glob("step_*"), key=lambda p: int(p.name.removeprefix("step_")))
+    say(
+        f"done in {duration(seconds)} wall time. {workdir}: checkpoints/ (newest: step {step}), metrics.jsonl, "
+        f"tensorboard/ (tensorboard --logdir {workdir})"
+        + (f", {evaluations[-1].relative_to(workdir)}/ (metrics.json, scores)" if evaluations else "")
+        + f"; curves and DET as PNG: ssps-jax plot {workdir}"
+    )
 
 
 def load_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:

@@ -124,6 +124,29 @@ def test_invalid_config_fails_before_compiling(demo_dir, tmp_path, monkeypatch, 
     assert not compiled
 
 
+def test_what_needs_the_data_is_checked_before_the_workdir_is_written(demo_dir, tmp_path, capsys):
+    """k-means clusters beyond the reference queue (one epoch of the prepared split) are refused before
+    config.json is touched; a setting that cannot take effect is a one-line warning first."""
+    config = tiny_config(demo_dir)
+    config.ssps.enabled = True
+    config.ssps.start_epoch = 1
+    config.ssps.pos_queue_size = 32
+    config.ssps.kmeans_clusters = 241  # the reference queue holds 15 steps x 16 = 240 rows
+    config.optim.lr_scale = 0.5  # without optim.lr_scale_from_epoch: never applies
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("the earlier run's\n")
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.ssps\.kmeans_clusters: 241 clusters for a reference queue"
+    ):
+        train_lib.train(config, workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]
+    assert (workdir / "config.json").read_text() == "the earlier run's\n"
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: " + config_lib.ineffective_settings(config)[0]]
+    assert warnings[0].startswith("warning: config.optim.lr_scale: 0.5 never applies")
+
+
 def test_cli_rejects_unknown_config_keys(tmp_path):
     """The real command, as multi-host jobs launch it: one line naming the closest key, exit 2, nothing written."""
     from pathlib import Path

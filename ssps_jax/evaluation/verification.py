@@ -201,7 +201,8 @@ class TrialEvaluator:
     def evaluate(self, variables) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
         """Per trial list: {"trials": T, "cosine": metrics, each normalisation: metrics}, and the scores.
 
-        metrics: {"eer", "min_dcf_0.01", "min_dcf_0.05"} (fractions) and each one's "<name>_ci": [low, high].
+        metrics: {"eer", "min_dcf_0.01", "min_dcf_0.05"} (fractions), each one's "<name>_ci": [low, high], and
+        "eer_threshold", the score threshold at the EER (metrics.eer_threshold).
         `timings` then holds the seconds of each phase.
         """
         self.timings.clear()
@@ -218,7 +219,8 @@ class TrialEvaluator:
     def _metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, float | list[float]]:
         point = metrics.from_rates(*metrics.operating_points(scores, labels))
         ci = scoring.bootstrap_metrics(scores, labels, self.bootstrap, self.confidence, self.seed)
-        return {k: v for name in point for k, v in ((name, float(point[name])), (f"{name}_ci", list(ci[name])))}
+        out = {k: v for name in point for k, v in ((name, float(point[name])), (f"{name}_ci", list(ci[name])))}
+        return {**out, "eer_threshold": metrics.eer_threshold(scores, labels)}  # `ssps-jax score` decides with it
 
     def write(self, out_dir: epath.PathLike, results: dict, scores: dict, extra: dict | None = None) -> None:
         """Per trial list and score kind `<list>[.<norm>].scores.txt` ("score label enrol test"), then metrics.json.
