@@ -336,6 +336,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         _fail("data.train_csv", _not_found("file", d.train_csv, resolved.data.train_csv))
     if d.train_size < 0 or 0 < d.train_size < t.global_batch_size:
         _fail("data.train_size", f"must be 0 (unknown) or at least one global batch, got {d.train_size}")
+    _check_choice(config, "data.augment.on", input_pipeline.AUGMENT_ON)
     if d.crops.mode != method.crop_mode:
         _fail("data.crops.mode", f"{config.method} needs {method.crop_mode!r} crops, got {d.crops.mode!r}")
     try:  # builds the crop and augmentation settings, and lists the noise / RIR folders
