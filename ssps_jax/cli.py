@@ -122,6 +122,13 @@ def _comma_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _augment_paths(text: str) -> list[str]:
+    paths = text.split(",")
+    if bad := [p for p in paths if p not in ("host", "device")]:
+        raise argparse.ArgumentTypeError(f"expected host and/or device, comma-separated, got {bad[0]!r}")
+    return paths
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ssps-jax",
@@ -283,6 +290,13 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="grain worker process counts to measure (default: %(default)s)",
     )
     p.add_argument("--batches", type=int, default=20, help="timed batches per worker count (default: %(default)s)")
+    p.add_argument(
+        "--augment-on",
+        type=_augment_paths,
+        default="host,device",
+        metavar="WHERE,...",
+        help="augmentation paths to measure, data.augment.on's values: host, device (default: %(default)s)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument(
         "--against", metavar="FILE", help="JSON of `ssps-jax bench`: say whether the input keeps up with its samples/s"

@@ -130,7 +130,7 @@ def bench_input(args: argparse.Namespace) -> None:
         _file("--against", args.against)
     from ssps_jax.bench import input as bench_input_lib
 
-    bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against)
+    bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against, paths=args.augment_on)
 
 
 def bench_prepare(args: argparse.Namespace) -> None:
