@@ -174,8 +174,8 @@ def test_device_arithmetic_against_scipy():
     np.testing.assert_allclose(out[1, 0], np.asarray(device_augment.augment(crops, None, noise, snr))[1, 0], atol=1e-7)
 
 
-@pytest.mark.parametrize("strategy", ["noise", "reverb", "all"])
-def test_device_path_makes_the_host_paths_views(banks, strategy):
+@pytest.mark.parametrize("strategy, mode", [("noise", "siamese"), ("reverb", "siamese"), ("all", "dino")])
+def test_device_path_makes_the_host_paths_views(banks, strategy, mode):
     """The same records and generators through both paths: the same draws, so the same views."""
     import jax
 
@@ -185,19 +185,22 @@ def test_device_path_makes_the_host_paths_views(banks, strategy):
 
     config = AugmentConfig(strategy=strategy, aug_prob=0.8, count=((1, 2), (1, 1), (1, 1)))
     aug = Augmenter(config, banks / "musan", banks / "rirs")
-    crops = CropConfig(frame_seconds=0.5, reference_seconds=1.0)
+    crops = CropConfig(mode, frame_seconds=0.5, global_seconds=0.5, local_seconds=0.25, reference_seconds=1.0)
     host, device = TrainExamples(crops, aug, "host"), TrainExamples(crops, aug, "device")
     records = [{"audio": _pcm(_speechlike(n, i)), "index": i} for i, n in enumerate([5000, 9000, 40000] * 8)]
     on_host = [host.random_map(r, np.random.default_rng([1, i])) for i, r in enumerate(records)]
     sent = [device.random_map(r, np.random.default_rng([1, i])) for i, r in enumerate(records)]
-    assert sent[0]["views"].dtype == np.int16 and sent[0]["reference"].dtype == np.int16
+    assert sent[0]["reference"].dtype == np.int16
     batch = {k: np.stack([e[k] for e in sent]) for k in sent[0]}
     made = jax.device_get(jax.jit(device_augment.model_batch)(batch))
-    assert set(made) == {"views", "reference", "index"}
+    groups = {"siamese": {"views"}, "dino": {"global_views", "local_views"}}[mode]
+    assert set(made) == {*groups, "reference", "index"} and all(batch[g].dtype == np.int16 for g in groups)
     expected = {k: np.stack([e[k] for e in on_host]) for k in on_host[0]}
     for key in made:
         assert made[key].dtype == expected[key].dtype
         np.testing.assert_allclose(made[key], expected[key], atol=2e-6 * np.abs(expected[key]).max())
+    if mode == "dino":
+        return
     clean = batch["views"] / 32768.0
     if strategy == "noise":  # gains: the achieved SNR of every noised crop is the one drawn (one file each)
         files = batch["views_noise"].any(-1).sum(-1)

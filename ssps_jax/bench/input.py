@@ -9,15 +9,17 @@ host cuts crops and draws the augmentation, batches of int16 crops, noise
 excerpts and RIRs; the train step does the arithmetic). For each worker
 count the iterator is started, its first batch timed (worker start-up), a
 few batches drained so that no batch made during start-up is counted, then
-`batches` batches are timed: examples/s = batches x batch / seconds. Per
-worker (or per process with 0 workers) that is the rate of one host core.
+`batches` batches are timed: examples/s = batches x batch / seconds. With 0
+workers the process's CPU time over those batches is counted too: host CPU
+ms per example, the cost to one core whatever else loads the machine
+(1000 / it = examples/s per host core).
 
-Where an example's host time goes (`example_costs`, in this process, per
+Where an example's host CPU time goes (`example_costs`, in this process, per
 path): reading its record (ArrayRecord's read, including its zstd
 decompression, and TFDS's decoding), the map (crops, augmentation draws and
 reading the noise and RIR excerpts, plus, on the host path, the arithmetic:
-the FFT convolution and the noise scaling), and the rest of 1 / (examples/s
-with 0 workers): grain's own work and batching. And what the device path
+the FFT convolution and the noise scaling), and the rest of the in-process
+pipeline's CPU ms per example: grain's own work and batching. And what the device path
 leaves to the devices: `device_ms`, the jitted `device_augment.model_batch`
 of one batch on this host's first device, median of a few calls.
 
@@ -61,7 +63,8 @@ def ensure_demo_corpus(config: ml_collections.ConfigDict) -> None:
 
 
 def measure(source, examples, batch_size: int, workers: int, batches: int, prefetch: int, seed: int) -> dict:
-    """Examples/s of the pipeline read by `workers` processes (0: in this one)."""
+    """Examples/s of the pipeline read by `workers` processes (0: in this one, where its CPU time is counted too:
+    host CPU ms per example, what one core pays whatever the machine's load)."""
     dataset = input_pipeline.train_dataset(source, global_batch_size=batch_size, seed=seed, examples=examples)
     started = time.perf_counter()
     iterator = input_pipeline.make_iterator(dataset, workers=workers, prefetch=prefetch)
@@ -71,26 +74,30 @@ def measure(source, examples, batch_size: int, workers: int, batches: int, prefe
         # Workers start together and each may have a batch ready by now: drain those before timing.
         for _ in range(2 * max(workers, 1)):
             next(iterator)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for _ in range(batches):
             next(iterator)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         iterator.close()
-    return {
+    row = {
         "workers": workers,
         "first_batch_s": first,
         "seconds": seconds,
         "batches": batches,
         "examples_per_s": batches * batch_size / seconds,
     }
+    if not workers:
+        row["cpu_ms_per_example"] = 1000 * cpu / (batches * batch_size)
+    return row
 
 
 def _ms_per_call(fn, items: list) -> float:
-    started = time.perf_counter()
+    """CPU ms per call of this process (not wall time: the figure holds on a loaded machine)."""
+    started = time.process_time()
     for item in items:
         fn(item)
-    return 1000 * (time.perf_counter() - started) / len(items)
+    return 1000 * (time.process_time() - started) / len(items)
 
 
 def storage_costs(source, records: int = STORAGE_RECORDS) -> dict:
@@ -112,7 +119,7 @@ def storage_costs(source, records: int = STORAGE_RECORDS) -> dict:
 
 
 def example_costs(source, examples: dict, records: int = COST_RECORDS) -> dict:
-    """ms per example, in this process: reading a record, and each path's map (`examples`: path -> TrainExamples)."""
+    """CPU ms per example, in this process: reading a record, each path's map (`examples`: path -> TrainExamples)."""
     indices = list(range(min(records, len(source))))
     read = [source[i] for i in indices]
     out = {"records": len(indices), "read_ms": _ms_per_call(lambda i: source[i], indices)}
@@ -191,7 +198,7 @@ def table(result: dict) -> str:
         f"{result['cpus']} CPUs, load {result.get('load', float('nan')):.1f}"
     )
     device = result["device_samples_per_s"]
-    columns = ["augment on", "workers", "examples/s", "per core", "first batch (s)", "timed batches"]
+    columns = ["augment on", "workers", "examples/s", "per worker", "host CPU ms/example", "first batch (s)", "batches"]
     if device:
         head += f"; devices take {device:.1f} samples/s"
         columns.append("keeps up")
@@ -203,6 +210,7 @@ def table(result: dict) -> str:
             str(r["workers"]),
             f"{rate:.1f}",
             f"{rate / max(r['workers'], 1):.1f}",
+            f"{r['cpu_ms_per_example']:.3f}" if "cpu_ms_per_example" in r else "",
             f"{r['first_batch_s']:.1f}",
             str(r["batches"]),
         ]
@@ -228,28 +236,26 @@ def table(result: dict) -> str:
 
 
 def _costs_table(result: dict, costs: dict) -> str:
-    """ms per example on one host core, per path: record read, map, the rest (grain and batching)."""
-    in_process = {r.get("on", "host"): r["examples_per_s"] for r in result["rows"] if r["workers"] == 0}
+    """CPU ms per example on one host core, per path: record read, map, the rest (grain and batching)."""
+    in_process = {r.get("on", "host"): r for r in result["rows"] if "cpu_ms_per_example" in r}
     paths = [on for on in PATHS if f"{on}_map_ms" in costs]
+    read = " | ".join(f"{costs['read_ms']:.3f}" for _ in paths)
     lines = [
-        f"host ms per example, in process (first {costs['records']} records):",
+        f"host CPU ms per example, in process (first {costs['records']} records):",
         "",
         "| | " + " | ".join(f"augment on {on}" for on in paths) + " |",
         "| --- |" + " --- |" * len(paths),
-        "| read the record (ArrayRecord + zstd, TFDS decoding) | "
-        + " | ".join(f"{costs['read_ms']:.3f}" for _ in paths)
-        + " |",
+        f"| read the record (ArrayRecord + zstd, TFDS decoding) | {read} |",
         "| map: crops, draws, noise / RIR reads (host: + FFT reverb, noise scaling) | "
         + " | ".join(f"{costs[f'{on}_map_ms']:.3f}" for on in paths)
         + " |",
     ]
     if all(on in in_process for on in paths):
-        total = {on: 1000 / in_process[on] for on in paths}
+        total = {on: in_process[on]["cpu_ms_per_example"] for on in paths}
         rest = [f"{total[on] - costs['read_ms'] - costs[f'{on}_map_ms']:.3f}" for on in paths]
-        lines.append("| the rest: grain, batching (1 / rate - the above) | " + " | ".join(rest) + " |")
-        lines.append(
-            "| **total** = 1 / examples/s, 0 workers | " + " | ".join(f"**{total[on]:.3f}**" for on in paths) + " |"
-        )
+        lines.append("| the rest: grain, batching (the total - the above) | " + " | ".join(rest) + " |")
+        totals = " | ".join(f"**{total[on]:.3f}** ({1000 / total[on]:.0f} examples/s per core)" for on in paths)
+        lines.append(f"| **total**: the pipeline in process, 0 workers | {totals} |")
     if "device_ms" in result:
         lines += [
             "",
