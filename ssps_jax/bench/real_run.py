@@ -191,7 +191,7 @@ class RunSettings:
 
 
 def run_config(
-    config: ml_collections.ConfigDict, corpus: Path, data_dir: Path, size: int, on: str, args: RunSettings
+    config: ml_collections.ConfigDict, corpus: Path, data_dir: Path, size: int, on: str, settings: RunSettings
 ) -> ml_collections.ConfigDict:
     """`config` set up for one path of the real run (module docstring)."""
     c = config.copy_and_resolve_references()
@@ -201,25 +201,25 @@ def run_config(
     c.data.train_size = 0
     c.data.augment.enabled = True
     c.data.augment.on = on
-    c.data.workers = args.workers
-    if args.dtype:
-        c.model.dtype = args.dtype
-    if args.batch:
-        c.train.global_batch_size = args.batch
+    c.data.workers = settings.workers
+    if settings.dtype:
+        c.model.dtype = settings.dtype
+    if settings.batch:
+        c.train.global_batch_size = settings.batch
     batch = c.train.global_batch_size
-    c.train.epochs = args.epochs
+    c.train.epochs = settings.epochs
     c.train.stop_at_epoch = 0
-    c.train.log_every_steps = args.log_every
+    c.train.log_every_steps = settings.log_every
     c.train.checkpoint_every_steps = 1 << 30  # at epoch ends only
     c.train.keep_checkpoints = 2
     c.ssps.enabled = True
-    c.ssps.start_epoch = args.epochs - 1
+    c.ssps.start_epoch = settings.epochs - 1
     c.ssps.kmeans_clusters = max(2, round(size / PAPER_N_PER_K))
     c.ssps.inter_sampling_size = min(c.ssps.inter_sampling_size, c.ssps.kmeans_clusters - 1)
     c.ssps.pos_queue_size = max(batch, min(PAPER_QUEUE, size // batch * batch))
     c.eval.trials = (str(corpus / "trials.txt"),)
     c.eval.base_dir = str(corpus)
-    c.eval.every_epochs = args.epochs
+    c.eval.every_epochs = settings.epochs
     c.eval.score_norm = ""
     return c
 
