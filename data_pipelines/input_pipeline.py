@@ -19,6 +19,17 @@ Order of operations, and why:
 Records stored as FLAC (`data.storage = "flac"`) are decoded to the same
 int16 samples inside the map, in the grain workers.
 
+Where the waveform arithmetic runs is `data.augment.on`:
+
+  "host"    the map augments each view (data_pipelines/augment.py, NumPy / SciPy)
+            and the batch holds float32 waveforms;
+  "device"  the map only cuts the crops and draws the augmentation (the same
+            draws from the same generator: `Augmenter.draw`), and the batch holds
+            int16 crops, the drawn RIRs and noise excerpts (int16) and SNRs; the
+            train step turns them into the same float32 waveforms on the
+            accelerator (ssps_jax/device_augment.py), sharded with the batch.
+            Fewer host cycles per example, and no float32 copies between processes.
+
 G is the global batch, P the number of JAX processes. The iterator's state
 (grain's own, `get_state`/`set_state`, checkpointable with orbax) is a
 position in this sequence, so a restored run sees exactly the batches it
@@ -69,6 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
                 "count_speech": (1, 1),
                 "count_music": (1, 1),
                 "count_noise": (1, 1),
+                # Where the crops are augmented and converted to float32 (module docstring): "host" | "device".
+                "on": "host",
+                # "device" only: RIRs travel cut to their first rir_seconds (longer ones are warned about once).
+                "rir_seconds": 1.0,
             },
             "workers": 2,  # grain worker processes; 0 reads in the main process
             "prefetch": 4,  # batches buffered per worker
@@ -76,17 +91,46 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
+AUGMENT_ON = ("host", "device")
+
+
+def _to_float(pcm: np.ndarray) -> np.ndarray:
+    return pcm.astype(np.float32) / augment_lib.PCM_SCALE
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainExamples(grain.transforms.RandomMap):
-    """Record -> {views..., reference, index}: docs/method.md §2 for one utterance."""
+    """Record -> {views..., reference, index}: docs/method.md §2 for one utterance (module docstring for `on`)."""
 
     crops: crops_lib.CropConfig
     augmenter: augment_lib.Augmenter | None
+    on: str = "host"
+
+    def __post_init__(self):
+        if self.on not in AUGMENT_ON:
+            raise InputError(f"data.augment.on must be one of {AUGMENT_ON}, got {self.on!r}")
+
+    def _view(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        view = _to_float(crop)
+        return view if self.augmenter is None else self.augmenter(view, rng)
+
+    def _pack(self, name: str, crops: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {name: crops}
+        if self.augmenter is not None:
+            draws = [self.augmenter.draw(crops.shape[1], rng) for _ in crops]
+            out.update({f"{name}_{key}": x for key, x in self.augmenter.pack(draws, crops.shape[1]).items()})
+        return out
 
     def random_map(self, record, rng: np.random.Generator):
         # FLAC records are decoded here, in the grain workers: the same int16 samples as int16 storage.
-        audio = speaker_corpus.decode_audio(record["audio"]).astype(np.float32) / 32768.0
-        out = crops_lib.make_views(audio, self.crops, rng, self.augmenter)
+        # Crops are cut from the int16 samples; only what the example carries is converted.
+        audio = speaker_corpus.decode_audio(record["audio"])
+        if self.on == "host":
+            out = crops_lib.make_views(audio, self.crops, rng, augment=self._view)
+            if "reference" in out:
+                out["reference"] = _to_float(out["reference"])
+        else:
+            out = crops_lib.make_views(audio, self.crops, rng, pack=self._pack)
         out["index"] = np.int32(record["index"])
         return out
 
@@ -122,10 +166,18 @@ def train_dataset(
 def batch_shapes(data: ml_collections.ConfigDict, global_batch_size: int) -> dict[str, tuple[tuple, np.dtype]]:
     """(shape, dtype) of every array of a global batch, without reading any data (ahead-of-time compilation)."""
     crops = crops_lib.CropConfig(**data.crops)
-    example = crops_lib.make_views(np.zeros(1, np.float32), crops, np.random.default_rng(0))
-    shapes = {name: ((global_batch_size, *x.shape), x.dtype) for name, x in sorted(example.items())}
+    on_device = data.augment.on == "device"
+    audio = np.dtype(np.int16 if on_device else np.float32)
+    augment = augment_config(data.augment) if data.augment.enabled and on_device else None
+    shapes = {}
+    for name, count, samples in crops_lib.view_groups(crops):
+        shapes[name] = ((global_batch_size, count, samples), audio)
+        for key, x in (augment.packed(count, samples) if augment else {}).items():
+            shapes[f"{name}_{key}"] = ((global_batch_size, *x.shape), x.dtype)
+    if reference := crops_lib.reference_samples(crops):
+        shapes["reference"] = ((global_batch_size, reference), audio)
     shapes["index"] = ((global_batch_size,), np.dtype(np.int32))
-    return shapes
+    return dict(sorted(shapes.items()))
 
 
 def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 4) -> grain.DatasetIterator:
@@ -155,6 +207,17 @@ def _tuple_ranges(aug: ml_collections.ConfigDict, prefix: str, cast) -> tuple:
     return tuple(tuple(cast(v) for v in aug[f"{prefix}_{c}"]) for c in augment_lib.CATEGORIES)
 
 
+def augment_config(aug: ml_collections.ConfigDict) -> augment_lib.AugmentConfig:
+    """The augmentation settings of the `data.augment` config section."""
+    return augment_lib.AugmentConfig(
+        strategy=aug.strategy,
+        aug_prob=aug.aug_prob,
+        snr=_tuple_ranges(aug, "snr", float),
+        count=_tuple_ranges(aug, "count", int),
+        rir_seconds=aug.rir_seconds,
+    )
+
+
 def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     """The per-record transform described by the `data` config section."""
     crops = crops_lib.CropConfig(**data.crops)
@@ -163,16 +226,11 @@ def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     if aug.enabled:
         base = epath.Path(data.base_dir)
         augmenter = augment_lib.Augmenter(
-            augment_lib.AugmentConfig(
-                strategy=aug.strategy,
-                aug_prob=aug.aug_prob,
-                snr=_tuple_ranges(aug, "snr", float),
-                count=_tuple_ranges(aug, "count", int),
-            ),
+            augment_config(aug),
             noise_dir=aug.noise_dir or base / "musan_split",
             rir_dir=aug.rir_dir or base / "simulated_rirs",
         )
-    return TrainExamples(crops, augmenter)
+    return TrainExamples(crops, augmenter, aug.on)
 
 
 def tfds_dir(data: ml_collections.ConfigDict) -> epath.Path:

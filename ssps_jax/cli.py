@@ -13,6 +13,7 @@ ssps-jax bench           the SSPS train step: compile, step time, SSPS share, k-
 ssps-jax bench-input     examples/s of the grain input pipeline per number of workers
 ssps-jax bench-prepare   files/s of `prepare` on a generated corpus, extrapolated to VoxCeleb2
 ssps-jax bench-ssps      time k-means and SSPS sampling at a given size
+ssps-jax bench-run       a real training run on a VoxCeleb-shaped synthetic corpus, per augmentation path
 ssps-jax compile         compile every program of a run for a TPU slice, on this host: memory, roofline, collectives
 ssps-jax prepare-demo    write the embedded demo corpus (sslsv layout)
 ssps-jax make-csv        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
@@ -121,6 +122,23 @@ def _comma_ints(text: str) -> list[int]:
         return [int(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _augment_paths(text: str) -> list[str]:
+    paths = text.split(",")
+    if bad := [p for p in paths if p not in ("host", "device")]:
+        raise argparse.ArgumentTypeError(f"expected host and/or device, comma-separated, got {bad[0]!r}")
+    return paths
+
+
+def _augment_on(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    p.add_argument(
+        "--augment-on",
+        type=_augment_paths,
+        default=default,
+        metavar="WHERE,...",
+        help=f"{what}: data.augment.on's values, host and/or device (default: %(default)s)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -303,11 +321,38 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="grain worker process counts to measure (default: %(default)s)",
     )
     p.add_argument("--batches", type=int, default=20, help="timed batches per worker count (default: %(default)s)")
+    _augment_on(p, "host,device", "augmentation paths to measure")
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument(
         "--against", metavar="FILE", help="JSON of `ssps-jax bench`: say whether the input keeps up with its samples/s"
     )
     _with_config(p, "configs/demo_ssps.py", "config file: its data section and batch are read")
+
+    p = command(
+        "bench-run",
+        commands.bench_run,
+        "a real `ssps-jax train` run on a VoxCeleb-shaped synthetic corpus, per augmentation path: end-to-end "
+        "samples/s against the devices' step, input wait, k-means, evaluation and checkpoint seconds",
+    )
+    p.add_argument("out", help="folder for the corpus (kept, reused), the prepared split and one workdir per path")
+    for name, default, what in (
+        ("speakers", 320, "train speakers"),
+        ("videos", 4, "videos (sessions) per speaker"),
+        ("utterances", 8, "utterances per video, 4-20 s, 7.8 s on average (VoxCeleb2's)"),
+        ("test-speakers", 40, "speakers of the trial list"),
+        ("epochs", 10, "epochs; SSPS starts in the last (its queues fill in the one before)"),
+        ("workers", 8, "grain worker processes (data.workers)"),
+        ("log-every", 10, "steps per logging window (train.log_every_steps)"),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default: %(default)s)")
+    p.add_argument("--batch", type=int, help="global batch (default: the config's train.global_batch_size)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype (default: %(default)s)"
+    )
+    _augment_on(p, "device,host", "augmentation paths to train, in this order")
+    p.add_argument("--against", metavar="FILE", help="JSON of `ssps-jax bench`: e2e samples/s against its step's")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    _with_config(p, "configs/simclr_ssps_ecapa.py", "config file: its method, model and batch are trained")
 
     p = command(
         "bench-prepare", commands.bench_prepare, "files/s of `prepare` on a generated corpus, per process count"

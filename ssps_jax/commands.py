@@ -163,7 +163,28 @@ def bench_input(args: argparse.Namespace) -> None:
         _file("--against", args.against)
     from ssps_jax.bench import input as bench_input_lib
 
-    bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against)
+    bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against, paths=args.augment_on)
+
+
+def bench_run(args: argparse.Namespace) -> None:
+    if args.against:
+        _file("--against", args.against)
+    for flag in ("speakers", "videos", "utterances", "workers", "log_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.test_speakers < 2 or args.videos < 2:
+        raise UsageError("--test-speakers and --videos must be >= 2 (trials pair speakers across videos)")
+    if args.epochs < 2:
+        raise UsageError(f"--epochs must be >= 2 (a queue-fill epoch, then the SSPS epoch), got {args.epochs}")
+    from ssps_jax.bench import real_run
+
+    spec = real_run.CorpusSpec(
+        speakers=args.speakers, videos=args.videos, utterances=args.utterances, test_speakers=args.test_speakers
+    )
+    settings = real_run.RunSettings(
+        epochs=args.epochs, batch=args.batch, dtype=args.dtype, workers=args.workers, log_every=args.log_every
+    )
+    real_run.main(args.config, args.out, spec, settings, args.augment_on, args.against, args.json)
 
 
 def bench_prepare(args: argparse.Namespace) -> None:

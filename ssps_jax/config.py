@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
         "checkpoint_every_steps": 1000,  # and at every epoch end
         "keep_checkpoints": 3,
         "async_checkpoints": True,
+        # Warn (once) when the loop waits for input more than this share of a logging window (0: never).
+        "input_wait_warning": 0.1,
     }
     c.optim = {
         "optimizer": "adam",
@@ -309,6 +311,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
     for key in ("epochs", "global_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if t[key] < 1:
             _fail(f"train.{key}", f"must be >= 1, got {t[key]}")
+    if not 0 <= t.input_wait_warning < 1:  # also NaN
+        _fail("train.input_wait_warning", f"must be in [0, 1), got {t.input_wait_warning}")
     if not 0 <= t.stop_at_epoch <= t.epochs:
         _fail("train.stop_at_epoch", f"must be in [0, train.epochs = {t.epochs}], got {t.stop_at_epoch}")
     if device_count and t.global_batch_size % device_count:
@@ -340,6 +344,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         _fail("data.train_csv", _not_found("file", d.train_csv, resolved.data.train_csv))
     if d.train_size < 0 or 0 < d.train_size < t.global_batch_size:
         _fail("data.train_size", f"must be 0 (unknown) or at least one global batch, got {d.train_size}")
+    _check_choice(config, "data.augment.on", input_pipeline.AUGMENT_ON)
     if d.crops.mode != method.crop_mode:
         _fail("data.crops.mode", f"{config.method} needs {method.crop_mode!r} crops, got {d.crops.mode!r}")
     try:  # builds the crop and augmentation settings, and lists the noise / RIR folders

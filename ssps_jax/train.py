@@ -31,6 +31,7 @@ from ssps_jax import checkpoint, methods, preemption, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.build import build
 from ssps_jax.evaluation import verification
+from ssps_jax.input_wait import InputWait
 from ssps_jax.observe import MetricWriter, Progress, duration, say
 from ssps_jax.train_state import TrainState
 
@@ -135,7 +136,8 @@ def train(
             evaluator.write(
                 workdir / "eval" / f"step_{step}", results, scores, {"step": step, "epoch": step / per_epoch}
             )
-        writer.write(step, verification.scalars(results), kind="eval")  # <list>/<cosine|s-norm|as-norm>/<metric>
+        # <list>/<cosine|s-norm|as-norm>/<metric>, and what the evaluation cost the run
+        writer.write(step, {**verification.scalars(results), "seconds": seconds}, kind="eval")
         say(f"eval step {step} ({seconds:.0f} s):")
         for line in verification.summary_lines(results):
             say(f"  {line}")
@@ -143,6 +145,7 @@ def train(
 
     progress = Progress(stop, per_epoch, batch_size, start)
     pending: list[tuple[int, dict]] = []
+    waits = InputWait.from_config(config)  # input wait share and the devices' step time (ssps_jax/input_wait.py)
 
     def drain() -> None:
         """Fetches the metrics of dispatched steps; logs them; stops on a non-finite loss."""
@@ -162,8 +165,11 @@ def train(
             if done % config.train.log_every_steps == 0 or done == stop:
                 metrics["lr"] = float(run.schedule(done - 1))
                 metrics.update(progress.rates())
+                metrics.update(waits.scalars())
                 writer.write(done, metrics)
-                say(progress.line(done, metrics))
+                say(f"{progress.line(done, metrics)}  {waits.text(metrics)}")
+                if warning := waits.warning(metrics):
+                    say(warning)
         pending.clear()
 
     def evaluation_due(done: int) -> bool:
@@ -185,9 +191,11 @@ def train(
                 state = state.replace(ssps=queues)
                 if scalars:
                     writer.write(epoch * per_epoch, scalars, kind="ssps")
-            batch = sharding.global_batch(next(iterator), mesh)
+            batch = sharding.global_batch(waits.next(iterator), mesh)
             state, metrics = run.step_program(epoch)(state, batch, jax.random.fold_in(state.rng, step))
             done = step + 1
+            if done % config.train.log_every_steps == 0 or done == stop:  # a logged step: its device time too
+                waits.time_step(pending[-1][1] if pending else None, metrics)
             drain()  # the previous step's metrics, while this one runs
             pending.append((done, metrics))
             if on_step is not None:
@@ -196,7 +204,9 @@ def train(
             preempted = watch.reached(done)  # every process, every step: they stop at the same one
             if epoch_end or done % config.train.checkpoint_every_steps == 0 or preempted:
                 drain()  # never checkpoint a state whose loss has not been checked
+                started = time.perf_counter()
                 ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
+                writer.write(done, {"seconds": time.perf_counter() - started}, kind="checkpoint")  # the loop's wait
                 writer.sync()  # a gs:// workdir's metrics.jsonl holds every step up to the checkpoint
             if preempted:
                 ckpt.wait()

@@ -6,7 +6,10 @@ and the losses talk to the other devices through collectives over the
 `data` axis, and gradients are averaged with `pmean`. Each method writes its
 step (`Method.step`, methods/*.py) from the pieces here; `make_train_step`
 wraps any of them in `jax.shard_map` (parameters replicated, batch and SSPS
-queues split) and `jax.jit`.
+queues split) and `jax.jit`, after turning the batch the input pipeline sent
+into the one the methods take (`device_augment.model_batch`: with
+`data.augment.on = "device"`, the views are augmented there, on each
+device's examples; float32 batches pass unchanged).
 
 SSPS enters every method's step the same way (docs/method.md §3-§5), in the
 epochs where the queues are live: `reference_and_positives` computes y^ (the
@@ -26,6 +29,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from ssps_jax import device_augment
 from ssps_jax.sharding import DATA
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.ssps.lifecycle import SSPS
@@ -62,6 +66,9 @@ def make_train_step(
     """The global step of `method` (a methods.base.Method): jit(shard_map(step)); donates the input state."""
 
     def step(state, batch, rng):
+        # With data.augment.on = "device" the views are augmented here, on this device's examples, before any
+        # method sees them; a batch of float32 waveforms passes unchanged.
+        batch = device_augment.model_batch(batch)
         return method.step(state, batch, rng, model=model, tx=tx, settings=settings, ssps=ssps)
 
     step.__name__ = f"{method.name}_step"  # what XLA's compile logs and profiles call the program
