@@ -1,6 +1,6 @@
 """VoxCeleb layouts: relative config paths follow data.base_dir, and make-csv leaves out trial-list speakers.
 
-The pod command of docs/usage.md (`--config.data.base_dir=/mnt/shared/data` on a
+The pod command of docs/pods.md (`--config.data.base_dir=DATA` on a
 VoxCeleb config) runs here against a fake layout built from the demo corpus;
 training itself is replaced by a function that records the config it would
 read its data with.
