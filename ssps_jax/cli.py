@@ -338,9 +338,8 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
     p.add_argument(
         "--sampling",
-        default="kmeans-repr",
         choices=_Registered(_label_free_samplers),
-        help="the sampler timed: an ssps.sampling that needs no labels (default: %(default)s)",
+        help="the sampler timed: an ssps.sampling that needs no labels (default: config.ssps.sampling's default)",
     )
     p.add_argument("--queue-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--repeats", type=int, default=3, help="timed k-means runs (median)")

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssps_jax import sharding
 from ssps_jax.bench.timing import devices_line, median_seconds
-from ssps_jax.ssps import sampling
+from ssps_jax.ssps import lifecycle, sampling
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.ssps.clustering import make_cluster_fn
 from ssps_jax.ssps.lifecycle import SSPS
@@ -195,7 +195,7 @@ def main(args) -> None:
         queue=args.queue,
         iterations=args.iterations,
         neighbours=args.neighbours,
-        sampling=args.sampling,
+        sampling=args.sampling or lifecycle.default_config()["sampling"],
         queue_dtype=args.queue_dtype,
     )
     result = run(sizes, repeats=args.repeats, steps=args.steps)
