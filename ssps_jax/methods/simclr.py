@@ -6,6 +6,10 @@ statistics are per view over the global batch, exactly like sslsv's two
 encoder calls under DDP with synchronised BN. The loss is NT-Xent over both
 views of the global batch, the negatives gathered from every device.
 
+`simclr.loss` adds a margin to NT-Xent (sslsv's SimCLRMargins:
+CosFace, ArcFace, SphereFace, CurricularFace, MagFace, AdaFace, with sslsv's
+margin scheduler; methods/margins.py). The plain "nt-xent" is `nt_xent`.
+
 With SSPS the positive branch is view 2: its embedding z' is what the
 positive queue holds, and a pseudo-positive replaces it before the loss.
 """
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
+from ssps_jax.methods import margins
 from ssps_jax.methods.base import Fail
 from ssps_jax.methods.common import SiameseMethod
 from ssps_jax.sharding import DATA
@@ -53,6 +58,9 @@ def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: str
 @dataclasses.dataclass(frozen=True)
 class SimCLRSettings:
     temperature: float
+    margins: margins.Margins | None = None  # None: plain NT-Xent
+    steps_per_epoch: int = 1
+    epochs: int = 1  # train.epochs: the margin scheduler's span
 
 
 class SimCLRMethod(SiameseMethod):
@@ -67,18 +75,76 @@ class SimCLRMethod(SiameseMethod):
             "projector": False,  # the SSPS paper's SimCLR has none
             "projector_hidden_dim": 2048,
             "projector_output_dim": 128,
+            # NT-Xent with an additive margin (sslsv's SimCLRMargins): one of methods/margins.py's LOSSES;
+            # "nt-xent" is plain SimCLR. The logits' scale is 1 / temperature (sslsv's scale 33.33: 0.03).
+            "loss": "nt-xent",
+            "margin": 0.1,  # m (radians for arcface / curricularface / adaface; a multiplier for sphereface)
+            "margin_scheduler": False,  # cosface / arcface / sphereface: m from 0 over the first half of training
+            "magface_l_margin": 0.01,  # MagFace: margins from l_margin to u_margin ...
+            "magface_u_margin": 0.05,
+            "magface_l_a": 10.0,  # ... for embedding norms from l_a to u_a
+            "magface_u_a": 110.0,
+            "magface_lambda_g": 0.0,  # weight of MagFace's norm regulariser
+            "adaface_h": 0.333,  # AdaFace: how far the norm moves the margin
         }
 
     def validate(self, config: ml_collections.ConfigDict, fail: Fail) -> None:
         s = config.simclr
         if s.temperature <= 0:
             fail("simclr.temperature", f"must be > 0, got {s.temperature}")
+        if s.loss not in margins.LOSSES:
+            fail("simclr.loss", f"must be one of {margins.LOSSES}, got {s.loss!r}")
+        if s.margin < 0:
+            fail("simclr.margin", f"must be >= 0, got {s.margin}")
+        if s.margin_scheduler and s.loss not in margins.SCHEDULED:
+            fail("simclr.margin_scheduler", f"schedules the margin of {', '.join(margins.SCHEDULED)} (as sslsv)")
+        if not 0 < s.magface_l_a < s.magface_u_a:
+            fail("simclr.magface_l_a", f"needs 0 < magface_l_a < magface_u_a, got {s.magface_l_a}, {s.magface_u_a}")
 
     def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> SimCLRSettings:
-        return SimCLRSettings(temperature=config.simclr.temperature)
+        s = config.simclr
+        if s.loss == "nt-xent":
+            return SimCLRSettings(temperature=s.temperature)
+        m = margins.Margins(
+            loss=s.loss,
+            margin=float(s.margin),
+            scheduler=s.margin_scheduler,
+            magface_l_margin=s.magface_l_margin,
+            magface_u_margin=s.magface_u_margin,
+            magface_l_a=s.magface_l_a,
+            magface_u_a=s.magface_u_a,
+            magface_lambda_g=s.magface_lambda_g,
+            adaface_h=s.adaface_h,
+        )
+        return SimCLRSettings(s.temperature, m, steps_per_epoch, total_steps // steps_per_epoch)
 
-    def loss(self, outputs, positive, *, settings: SimCLRSettings, **_):
-        return nt_xent(outputs[0], positive[0], settings.temperature, axis_name=DATA), {}
+    def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict | None:
+        """The running statistics of CurricularFace and AdaFace (sslsv's loss buffers); None for the others."""
+        initial = margins.INITIAL_STATS.get(config.simclr.loss)
+        return None if initial is None else {"margin_stats": {k: jnp.float32(v) for k, v in initial.items()}}
+
+    def loss(self, outputs, positive, *, state, settings: SimCLRSettings, **_):
+        s = settings
+        if s.margins is None:
+            return nt_xent(outputs[0], positive[0], s.temperature, axis_name=DATA), {}
+        stats = self._margin_stats(state, outputs, positive, s)
+        margin = margins.scheduled_margin(s.margins, state.step // s.steps_per_epoch, s.epochs)
+        return margins.margin_nt_xent(outputs[0], positive[0], s.temperature, s.margins, margin, stats, DATA), {}
+
+    def update(self, state, params, outputs, positive, target, *, settings: SimCLRSettings):
+        s = settings
+        if s.margins is None:
+            return state.method_state, {}
+        margin = margins.scheduled_margin(s.margins, state.step // s.steps_per_epoch, s.epochs)
+        stats = self._margin_stats(state, outputs, positive, s)
+        method_state = None if stats is None else {"margin_stats": stats}
+        return method_state, {"margin": jnp.asarray(margin, jnp.float32)}
+
+    @staticmethod
+    def _margin_stats(state, outputs, positive, s: SimCLRSettings):
+        """The loss's running statistics after this batch (the loss uses them; `update` keeps them)."""
+        old = None if state.method_state is None else state.method_state["margin_stats"]
+        return margins.running_stats(s.margins, outputs[0], positive[0], old, DATA)
 
 
 METHOD = SimCLRMethod()
