@@ -19,10 +19,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax import lax
 
 from ssps_jax.methods.base import Fail, Method, views_input
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
+
+
+def gathered(x: jnp.ndarray, axis_name: str | None) -> tuple[jnp.ndarray, jnp.ndarray | int]:
+    """(every device's rows of `x`, in device order; the offset of this device's rows in them): the negatives of
+    a contrastive loss over the global batch. Without an axis: `x` itself and 0."""
+    if axis_name is None:
+        return x, 0
+    return lax.all_gather(x, axis_name, tiled=True), lax.axis_index(axis_name) * x.shape[0]
 
 
 def normalise(x: jnp.ndarray) -> jnp.ndarray:

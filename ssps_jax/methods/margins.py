@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ssps_jax.methods.common import aam
+from ssps_jax.methods.common import aam, gathered
 
 LOSSES = (
     "nt-xent",
@@ -131,11 +131,7 @@ def margin_nt_xent(
     norms = jnp.linalg.norm(a, axis=1)
     z = a / jnp.maximum(norms, 1e-12)[:, None]
     n2 = z.shape[0]
-    if axis_name is None:
-        everyone, offset = z, 0
-    else:
-        everyone = lax.all_gather(z, axis_name, tiled=True)  # (2N, D), device blocks in order
-        offset = lax.axis_index(axis_name) * n2
+    everyone, offset = gathered(z, axis_name)  # (2N, D)
     cos = z @ everyone.T  # (2n, 2N)
     rows = jnp.arange(n2)
     positive_at = offset + (rows + n2 // 2) % n2

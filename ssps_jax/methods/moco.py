@@ -35,7 +35,15 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from ssps_jax.methods.base import Fail, Target
-from ssps_jax.methods.common import SiameseMethod, ema, momentum_tau, normalise, output_dim, validate_momentum
+from ssps_jax.methods.common import (
+    SiameseMethod,
+    ema,
+    gathered,
+    momentum_tau,
+    normalise,
+    output_dim,
+    validate_momentum,
+)
 from ssps_jax.sharding import DATA
 
 
@@ -55,11 +63,7 @@ def moco_loss(
     """
     n = query.shape[0]
     negatives = lax.stop_gradient(queue).reshape(-1, queue.shape[-1]).astype(query.dtype)
-    if axis_name is None:
-        everyone, offset = query, 0
-    else:
-        everyone = lax.all_gather(query, axis_name, tiled=True)  # (N, D), device blocks in order
-        offset = lax.axis_index(axis_name) * n
+    everyone, offset = gathered(query, axis_name)  # (N, D)
     shard_lse = jax.nn.logsumexp(everyone @ negatives.T / temperature, axis=1)  # (N,) over this shard
     if axis_name is not None:
         shard_lse = jax.nn.logsumexp(lax.all_gather(shard_lse, axis_name), axis=0)  # over all shards

@@ -21,11 +21,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax import lax
 
 from ssps_jax.methods import margins
 from ssps_jax.methods.base import Fail
-from ssps_jax.methods.common import SiameseMethod
+from ssps_jax.methods.common import SiameseMethod, gathered
 from ssps_jax.sharding import DATA
 
 
@@ -42,11 +41,7 @@ def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: str
     z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
     z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     n2 = z.shape[0]
-    if axis_name is None:
-        everyone, offset = z, 0
-    else:
-        everyone = lax.all_gather(z, axis_name, tiled=True)  # (2N, D), device blocks in order
-        offset = lax.axis_index(axis_name) * n2
+    everyone, offset = gathered(z, axis_name)  # (2N, D)
     logits = z @ everyone.T / temperature  # (2n, 2N)
     rows = jnp.arange(n2)
     own = offset + rows
