@@ -323,7 +323,7 @@ def run_roofline_seconds(report: Report) -> float | None:
     if c["ssps"] is None:
         return by_name["plain step"] * per_epoch * epochs if "plain step" in by_name else None
     start = c["ssps"]["start_epoch"]
-    clustered = c["ssps"]["sampling"] in sampling.CLUSTERED
+    clustered = sampling.get(c["ssps"]["sampling"]).clustered
     needed = ["plain step", "SSPS step"] + (["clustering"] if clustered else [])
     if any(n not in by_name for n in needed):
         return None

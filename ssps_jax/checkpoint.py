@@ -58,7 +58,7 @@ from etils import epath
 
 from data_pipelines import paths
 from data_pipelines.errors import ConfigError, InputError
-from ssps_jax import storage
+from ssps_jax import methods, storage
 from ssps_jax.ssps.state import RESTORE_GROUPS, SSPSState
 from ssps_jax.train_state import TrainState, as_dict, from_dict
 
@@ -107,8 +107,11 @@ def _quiet_failed_io_echoes() -> None:
 
 
 def _not_an_io_echo(record: logging.LogRecord) -> bool:
-    """False for orbax's own logs of a failure that the run reports in one line (a full disk), or repeats."""
+    """False for orbax's own logs of a failure that the run reports in one line (a full disk), or repeats, and for
+    its note that a manager opened read-only (evaluation, export) is read-only."""
     if "_SignalingThread.run() raised an exception" in record.getMessage():
+        return False
+    if record.msg == "Given directory is read only=%s":  # said of every read_only manager: evaluation asks for it
         return False
     return not (record.exc_info and storage.full_cause(record.exc_info[1]))
 
@@ -389,24 +392,15 @@ def likely_config_key(path: tuple[str, ...], config: ml_collections.ConfigDict) 
         return "optim.optimizer or another optim key"
     if parts[0] in ("step", "rng"):
         return "the framework version"
+    sizes = methods.get(config.method).sslsv_sizes  # the config fields that size each of the method's modules
     if parts[0] not in ("params", "batch_stats"):  # method state: a momentum network, DINO's centre, queues
         if len(parts) > 2 and parts[1] in ("params", "batch_stats"):
             parts = parts[1:]
-        elif parts[0] == "center":
-            return "dino.head_output_dim"
         else:
-            return f"method ({config.method}'s state {parts[0]!r})"
+            return sizes.get(parts[0], f"method ({config.method}'s state {parts[0]!r})")
     module = parts[1] if len(parts) > 1 else ""
-    if module == "projector":
-        return f"{config.method}.projector_hidden_dim / projector_output_dim"
-    if module == "head":
-        return "dino.head_hidden_dim / head_bottleneck_dim / head_output_dim"
-    if module == "prototypes":
-        return "swav.prototypes"
-    if module == "classifier":
-        return "supervised.classes"
     if module != "encoder":
-        return "method"
+        return sizes.get(module, "method")
     child = parts[2] if len(parts) > 2 else ""
     if child == "fc":
         return "model.encoder_dim"

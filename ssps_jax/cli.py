@@ -30,7 +30,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from data_pipelines.errors import ConfigError, InputError
 from ssps_jax import commands, config_overrides
@@ -115,6 +115,26 @@ def _with_config(p: argparse.ArgumentParser, default: str | None, what: str) -> 
     )
     usage = p.format_usage().removeprefix("usage: ").rstrip()
     p.usage = f"{usage} [{_OVERRIDES} ...]"
+
+
+class _Registered:
+    """argparse choices read from a registry when first asked (a help text, or the flag given): the registries
+    import JAX, which `--help` of the other commands and usage errors should not wait for."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]):
+        self._names = names
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
+def _label_free_samplers() -> tuple[str, ...]:
+    from ssps_jax.ssps import sampling
+
+    return sampling.label_free()
 
 
 def _comma_ints(text: str) -> list[int]:
@@ -232,8 +252,8 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--methods",
-        default="simclr,dino,vicreg,moco,swav,supervised",
-        help="comma-separated, in this order (default: %(default)s)",
+        metavar="NAME,NAME,...",
+        help="comma-separated method names, run in this order (default: every registered method with a demo config)",
     )
 
 
@@ -388,9 +408,8 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
     p.add_argument(
         "--sampling",
-        default="kmeans-repr",
-        choices=("kmeans-repr", "kmeans", "knn"),
-        help="SSPS variant whose sampling is timed, as config.ssps.sampling (default: %(default)s)",
+        choices=_Registered(_label_free_samplers),
+        help="the sampler timed: an ssps.sampling that needs no labels (default: config.ssps.sampling's default)",
     )
     p.add_argument(
         "--queue-dtype",

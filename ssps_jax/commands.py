@@ -137,7 +137,8 @@ def demo(args: argparse.Namespace) -> None:
 def demo_methods(args: argparse.Namespace) -> None:
     from ssps_jax import demo_methods as demo_methods_lib
 
-    demo_methods_lib.run(args.data, args.workdir, [m.strip() for m in args.methods.split(",") if m.strip()])
+    names = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    demo_methods_lib.run(args.data, args.workdir, names)
 
 
 def bench(args: argparse.Namespace) -> None:

@@ -51,6 +51,7 @@ from data_pipelines.errors import InputError
 from ssps_jax import features
 from ssps_jax.build import build_for_inference
 from ssps_jax.checkpoint import likely_config_key
+from ssps_jax.methods.base import Method
 from ssps_jax.models.sslsv_names import sslsv_name, to_torch_layout
 from ssps_jax.train_state import seed_keys
 
@@ -61,16 +62,8 @@ WINDOW = "features_extractor.0.spectrogram.window"  # after "<encoder>."
 FILTERBANK = "features_extractor.0.mel_scale.fb"
 SSPS_PREFIX = "ssps."  # sslsv's SSPS queues (model_latest.pt of an SSPS run)
 
-# Method-state entries that are a copy of the model's variables (momentum networks), and the sslsv names of
-# their top-level modules.
-_MOMENTUM = {
-    "dino": ("teacher", {"encoder": "encoder_momentum", "head": "head_momentum"}),
-    "moco": ("momentum", {"encoder": "encoder_momentum", "projector": "projector_momentum"}),
-}
-# Method-state arrays that sslsv holds as a buffer of another shape: entry -> key.
-_BUFFERS = {"dino": {"center": "loss_fn.center"}}
-# sslsv buffers of method state we start fresh (its layout and position are sslsv's own).
-_NOT_IMPORTED = {"moco": ("queue", "queue_ptr", "queue_labels", "queue_labels_ptr"), "swav": ("queue",)}
+# What each method holds beside the model under sslsv's names (its momentum network, buffers, the buffers an
+# import leaves out, the config fields that size its modules) is the method object's: Method.sslsv_* .
 # Front-end values written by other libraries (librosa's filterbank vs torchaudio's) differ by ~3e-6.
 _FRONT_END_ATOL = 1e-4
 
@@ -98,13 +91,13 @@ class _Slot:
     from_torch: Callable[[np.ndarray], np.ndarray]
 
 
-def _layout(method: str, tree: dict) -> dict[str, _Slot]:
+def _layout(method: Method, tree: dict) -> dict[str, _Slot]:
     """sslsv key -> _Slot for every array of `tree` ({"params", "batch_stats", **method_state}) sslsv holds.
 
     Method-state entries sslsv does not hold (MoCo's queue) are left out.
     """
-    momentum, renames = _MOMENTUM.get(method, (None, {}))
-    buffers = _BUFFERS.get(method, {})
+    momentum, renames = method.sslsv_momentum or (None, {})
+    buffers = method.sslsv_buffers
     out = {}
     for where, value in traverse_util.flatten_dict(tree).items():
         shape = tuple(np.shape(value))
@@ -128,13 +121,13 @@ def _layout(method: str, tree: dict) -> dict[str, _Slot]:
     return out
 
 
-def _encoders(method: str) -> list[str]:
+def _encoders(method: Method) -> list[str]:
     """The sslsv prefixes of the method's encoders (each has its own front end)."""
-    _, renames = _MOMENTUM.get(method, (None, {}))
+    _, renames = method.sslsv_momentum or (None, {})
     return ["encoder", *([renames["encoder"]] if "encoder" in renames else [])]
 
 
-def _constants(method: str, layout: dict[str, _Slot], mel: features.LogMelConfig) -> dict[str, np.ndarray]:
+def _constants(method: Method, layout: dict[str, _Slot], mel: features.LogMelConfig) -> dict[str, np.ndarray]:
     """What sslsv's state_dict holds beside our variables: front ends, weight_g, BatchNorm counters."""
     out = {}
     window, filterbank = torchaudio_window(mel), torchaudio_filterbank(mel)
@@ -244,11 +237,11 @@ def import_sslsv(checkpoint: epath.PathLike, config: ml_collections.ConfigDict, 
     # Checked against the state's shapes: nothing is compiled, nothing allocated before the file is accepted.
     method, _, like = build_for_inference(config, mesh, abstract=True)
     shapes = _tree(like)
-    layout = _layout(config.method, shapes)
-    constants = _constants(config.method, layout, features.LogMelConfig(**config.model.mel))
+    layout = _layout(method, shapes)
+    constants = _constants(method, layout, features.LogMelConfig(**config.model.mel))
     skipped = {
         "ssps": sorted(k for k in state_dict if k.startswith(SSPS_PREFIX)),
-        "method buffers": sorted(k for k in _NOT_IMPORTED.get(config.method, ()) if k in state_dict),
+        "method buffers": sorted(k for k in method.sslsv_not_imported if k in state_dict),
     }
     _check_keys(checkpoint, state_dict, set(layout) | set(constants), {k for v in skipped.values() for k in v}, config)
     _check_constants(checkpoint, state_dict, constants, config.model.mel.window)
@@ -402,7 +395,7 @@ def export_sslsv(source, out: epath.PathLike, step: int | None = None) -> epath.
     else:
         workdir, config = epath.Path(source), inference_config(source)
     # Restored into zeros of the state's layout: no model compiled.
-    _, _, like = build_for_inference(config, sharding.make_mesh(), abstract=True)
+    method, _, like = build_for_inference(config, sharding.make_mesh(), abstract=True)
     state = jax.tree.map(lambda x: _placed(np.zeros(x.shape, x.dtype), x), like)
     ckpt = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints", read_only=True)
     try:
@@ -412,9 +405,9 @@ def export_sslsv(source, out: epath.PathLike, step: int | None = None) -> epath.
 
     tree = _tree(state)
     flat = traverse_util.flatten_dict(tree)
-    layout = _layout(config.method, tree)
+    layout = _layout(method, tree)
     arrays = {key: slot.to_torch(np.asarray(flat[slot.where])) for key, slot in layout.items()}
-    arrays.update(_constants(config.method, layout, features.LogMelConfig(**config.model.mel)))
+    arrays.update(_constants(method, layout, features.LogMelConfig(**config.model.mel)))
     state_dict = {key: torch.from_numpy(np.array(value, order="C")) for key, value in sorted(arrays.items())}
     out = epath.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -103,10 +103,12 @@ class Launch:
         for pid in (0, 1):
             (folder / f"train.{pid}.log").unlink(missing_ok=True)
         self.folder = folder
-        # No shared compilation cache: a process that finds its programs there while its partner compiles
-        # reaches the first collective minutes early, and gloo gives up after 30 s (DEADLINE_EXCEEDED).
+        # No shared compilation cache (conftest passes the run's to subprocesses through JAX_* variables): a
+        # process that finds its programs there while its partner compiles reaches the first collective minutes
+        # early, and gloo gives up after 30 s (DEADLINE_EXCEEDED).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
         env = dict(
-            os.environ,
+            inherited,
             CONFIG=str(config_py),
             WORKDIR=workdir,
             PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -247,4 +249,4 @@ def test_a_two_process_run_on_gs_stops_for_a_preemption_survives_a_kill_and_equa
     assert embeddings.shape == (len(files), 16) and np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
     assert not (out / "emb.npz.parts").exists()
     cli.main(["export", "--workdir", workdir, "--format", "stablehlo", "--out", f"{out}/model.stablehlo"])
-    assert json.loads((out / "model.json").read_text())["step"] == STEPS
+    assert json.loads((out / "model.stablehlo.json").read_text())["step"] == STEPS

@@ -3,7 +3,7 @@
 The pod command of docs/pods.md (`--config.data.base_dir=DATA` on a
 VoxCeleb config) runs here against a fake layout built from the demo corpus;
 training itself is replaced by a function that records the config it would
-read its data with.
+read its data with, and stops once config.json is written.
 """
 
 import csv
@@ -38,22 +38,28 @@ def _voxceleb_layout(demo_dir: Path, data: Path) -> Path:
 
 
 def _train(argv, monkeypatch) -> list:
-    """Runs `ssps-jax train argv` with the data, model and evaluator faked, up to where the input pipeline would
-    start (config.json is written by then); returns the config it read its data with."""
+    """Runs `ssps-jax train argv` with the data, model, evaluator, input pipeline and checkpoints faked, up to where
+    config.json is written (after everything that can refuse the run); returns the config it read its data with."""
     used = []
 
     def load_source(config):
         used.append(config)
         return range(config.data.train_size)
 
-    def stop(*args, **kwargs):
+    def save_then_stop(*args):
+        save_config(*args)
         raise _Stop
 
+    save_config = train_lib.save_config
+    no_checkpoints = SimpleNamespace(restore_newest=lambda *a, **k: None, close=lambda: None)
     monkeypatch.setattr(train_lib, "_load_source", load_source)
     monkeypatch.setattr(train_lib.input_pipeline, "train_labels", lambda data, size: None)
     monkeypatch.setattr(train_lib, "build", lambda *a, **k: (SimpleNamespace(steps_per_epoch=1, model=None), None))
     monkeypatch.setattr(train_lib.verification, "make_trial_evaluator", lambda *a: None)
-    monkeypatch.setattr(train_lib.input_pipeline, "train_dataset", stop)
+    monkeypatch.setattr(train_lib.input_pipeline, "train_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(train_lib.input_pipeline, "make_iterator", lambda *a, **k: None)
+    monkeypatch.setattr(train_lib.checkpoint, "Checkpointer", lambda *a, **k: no_checkpoints)
+    monkeypatch.setattr(train_lib, "save_config", save_then_stop)
     with pytest.raises(_Stop):
         cli.main(["train", *argv])
     return used

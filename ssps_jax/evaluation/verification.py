@@ -57,6 +57,60 @@ def trial_list_name(path: epath.PathLike) -> str:
     return name[: -len(".txt")] if name.endswith(".txt") else name
 
 
+def default_config() -> dict:
+    """`config.eval`: trial lists, when to evaluate, the embedding batches, score normalisation, CIs."""
+    return {
+        "trials": (),  # VoxCeleb-format trial lists; names are their file names
+        "base_dir": "",  # their paths are relative to it; "" means data.base_dir
+        "every_epochs": 1,  # 0: only when asked (ssps-jax evaluate)
+        "at_start": False,  # also evaluate the untrained encoder
+        "batch_size": 32,  # utterances per embedding batch, rounded up to the device count
+        "bucket_ratio": 1.25,  # padded lengths grow geometrically by this factor
+        "min_bucket_seconds": 2.0,
+        # Score normalisation reported beside the raw cosine (ssps_jax/evaluation/verification.py):
+        # "" (none), "s-norm", "as-norm" or both, comma-separated ("s-norm,as-norm").
+        "score_norm": "",
+        # The cohort: this many data.train_csv utterances drawn with eval.seed (all of them if fewer).
+        # sslsv uses every train utterance: for VoxCeleb2, 1.09 M crops (1,200 h of audio) to embed at each
+        # evaluation and 4.5 GB of float64 embeddings at D = 512; 20,000 cover ~96% of its 5,994 speakers.
+        "cohort_size": 20000,
+        "cohort_seconds": 4.0,  # one crop per cohort utterance at a random start (sslsv's frame_length 64000); 0: whole
+        "cohort_top_k": 300,  # AS-Norm: highest cohort scores per utterance (sslsv's score_norm_cohort_size)
+        "bootstrap": 1000,  # resamples of the trials for the confidence intervals of EER and minDCF
+        "confidence": 0.95,  # their level
+        "seed": 0,  # cohort draw, crops and bootstrap: not the training seed, so runs compare on one cohort
+    }
+
+
+def validate(e: ml_collections.ConfigDict, fail) -> None:
+    """Checks `config.eval` but its files (config.validate resolves and checks the trial lists);
+    `fail(key, message)` raises."""
+    if e.bucket_ratio <= 1:
+        fail("eval.bucket_ratio", f"must be > 1, got {e.bucket_ratio}")
+    if e.batch_size < 1:
+        fail("eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    validate_scoring(e, fail)
+
+
+def validate_scoring(e: ml_collections.ConfigDict, fail) -> None:
+    """The score normalisation and confidence-interval keys of `config.eval` (also run by `ssps-jax evaluate`)."""
+    norms = score_norms(e.score_norm)
+    if unknown := [n for n in norms if n not in NORMALISATIONS]:
+        fail("eval.score_norm", f"unknown normalisation {unknown[0]!r}: use {', '.join(NORMALISATIONS)} or ''")
+    if norms and e.cohort_size < 2:
+        fail("eval.cohort_size", f"must be >= 2 for {e.score_norm}, got {e.cohort_size}")
+    if "as-norm" in norms and not 1 < e.cohort_top_k <= e.cohort_size:
+        fail(
+            "eval.cohort_top_k", f"must be in [2, eval.cohort_size = {e.cohort_size}] for AS-Norm, got {e.cohort_top_k}"
+        )
+    if e.cohort_seconds < 0:
+        fail("eval.cohort_seconds", f"must be >= 0, got {e.cohort_seconds}")
+    if e.bootstrap < 1:
+        fail("eval.bootstrap", f"must be >= 1, got {e.bootstrap}")
+    if not 0 < e.confidence < 1:
+        fail("eval.confidence", f"must be in (0, 1), got {e.confidence}")
+
+
 def score_norms(value: str) -> tuple[str, ...]:
     """eval.score_norm ("", "as-norm", "s-norm,as-norm", ...) as a tuple of names."""
     return tuple(v.strip() for v in value.split(",") if v.strip())
