@@ -106,7 +106,8 @@ class Launch:
         # No shared compilation cache (conftest passes the run's to subprocesses through JAX_* variables): a
         # process that finds its programs there while its partner compiles reaches the first collective minutes
         # early, and gloo gives up after 30 s (DEADLINE_EXCEEDED).
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+        cache = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT")
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(cache)}
         env = dict(
             inherited,
             CONFIG=str(config_py),
