@@ -3,7 +3,7 @@
 40 log-mels with a Hamming window (sslsv's defaults; 22.5 M encoder
 parameters), 2 s crops with MUSAN + RIR augmentation, temperature 0.03 and
 no projector, Adam 1e-3 x 0.95 every 5 epochs, global batch 256, 100 epochs,
-evaluated on VoxCeleb1-O. Paths follow the layout of README "VoxCeleb from a
+evaluated on VoxCeleb1-O. Paths follow the layout of docs/data.md "VoxCeleb from a
 manual download"; override them with --config.data.base_dir=... etc.
 """
 

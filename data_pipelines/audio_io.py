@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from etils import epath
 
+from data_pipelines import paths
 from data_pipelines.errors import InputError
 
 SAMPLE_RATE = 16000
@@ -44,7 +46,7 @@ SAMPLE_RATE = 16000
 class AudioFileError(InputError):
     """An audio file that cannot be used; `reason` is short and human-readable."""
 
-    def __init__(self, path: Path | str, reason: str):
+    def __init__(self, path: epath.PathLike, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
@@ -89,12 +91,12 @@ def is_silent(samples: np.ndarray) -> bool:
     return not np.any(samples)
 
 
-def _read_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+def _read_ffmpeg(path: epath.Path) -> tuple[np.ndarray, int]:
     """(frames x channels float32, rate) of the first audio stream, decoded by FFmpeg through PyAV."""
     import av  # deferred: only files libsndfile cannot read need it
 
     try:
-        with av.open(str(path)) as container:
+        with paths.readable(path) as source, av.open(source) as container:
             if not container.streams.audio:
                 raise AudioFileError(path, "unreadable (no audio stream)")
             stream = container.streams.audio[0]
@@ -113,10 +115,11 @@ def _read_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(planes, axis=1).T, rate
 
 
-def _read_any(path: Path) -> tuple[np.ndarray, int]:
+def _read_any(path: epath.Path) -> tuple[np.ndarray, int]:
     """(frames x channels float32, rate): libsndfile if it can, else FFmpeg."""
     try:
-        return sf.read(path, dtype="float32", always_2d=True)
+        with paths.readable(path) as source:
+            return sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError):
         return _read_ffmpeg(path)
 
@@ -136,7 +139,7 @@ def write_m4a(path: Path | str, x: np.ndarray, sample_rate: int = SAMPLE_RATE) -
             container.mux(packet)
 
 
-def read_audio(path: Path | str, min_seconds: float = 0.0) -> Audio:
+def read_audio(path: epath.PathLike, min_seconds: float = 0.0) -> Audio:
     """Reads `path` as 16 kHz mono int16 PCM.
 
     Multi-channel files are averaged to mono and other sample rates are
@@ -144,7 +147,7 @@ def read_audio(path: Path | str, min_seconds: float = 0.0) -> Audio:
     Raises AudioFileError when the file is missing, unreadable by both
     decoders, empty, or shorter than `min_seconds` (after resampling).
     """
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise AudioFileError(path, "missing")
     data, rate = _read_any(path)
@@ -166,16 +169,17 @@ def read_audio(path: Path | str, min_seconds: float = 0.0) -> Audio:
     return Audio(to_pcm16(mono), tuple(notes))
 
 
-def duration_seconds(path: Path | str) -> float:
+def duration_seconds(path: epath.PathLike) -> float:
     """A file's duration from its header (no decoding); 0.0 when neither decoder can tell."""
     try:
-        return sf.info(str(path)).duration
+        with paths.readable(path) as source:
+            return sf.info(source).duration
     except (sf.LibsndfileError, RuntimeError, ValueError):
         pass
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with paths.readable(path) as source, av.open(source) as container:
             return (container.duration or 0) / av.time_base
     except av.FFmpegError:
         return 0.0

@@ -65,31 +65,47 @@ def _samples(seconds: float) -> int:
     return round(seconds * SAMPLE_RATE)
 
 
+def view_groups(config: CropConfig) -> list[tuple[str, int, int]]:
+    """(name, crops, samples) of each group of augmented views an example carries."""
+    if config.mode == "siamese":
+        return [("views", 2, _samples(config.frame_seconds))]
+    return [
+        ("global_views", config.global_count, _samples(config.global_seconds)),
+        ("local_views", config.local_count, _samples(config.local_seconds)),
+    ]
+
+
+def reference_samples(config: CropConfig) -> int:
+    """Samples of the clean reference crop; 0: none."""
+    return _samples(config.reference_seconds) if config.reference_seconds > 0 else 0
+
+
 def make_views(
     audio: np.ndarray,
     config: CropConfig,
     rng: np.random.Generator,
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    pack: Callable[[str, np.ndarray, np.random.Generator], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The views of one utterance (float32 waveform) as a dict of float32 arrays.
+    """The views of one utterance (a waveform, float32 or int16) as a dict of arrays.
 
     siamese: {"views": (2, frame)}; dino: {"global_views": (G, global),
     "local_views": (L, local)}; plus {"reference": (reference,)} when enabled.
+    A group's crops are all cut first; then `augment(crop, rng)` makes each
+    view from its crop (its own draw), or `pack(name, crops, rng)` gives the
+    arrays the example carries for the group `name` from its stacked crops
+    (augmentation on the accelerator: input_pipeline.TrainExamples). Views
+    have the dtype `augment` returns, else the audio's; so has the reference,
+    never augmented.
     """
 
-    def views(count, seconds):
-        crops = [random_crop(audio, _samples(seconds), rng) for _ in range(count)]
-        if augment is not None:
-            crops = [augment(c, rng) for c in crops]
-        return np.stack(crops).astype(np.float32)
-
-    if config.mode == "siamese":
-        out = {"views": views(2, config.frame_seconds)}
-    else:
-        out = {
-            "global_views": views(config.global_count, config.global_seconds),
-            "local_views": views(config.local_count, config.local_seconds),
-        }
-    if config.reference_seconds > 0:
-        out["reference"] = random_crop(audio, _samples(config.reference_seconds), rng).astype(np.float32)
+    out = {}
+    for name, count, samples in view_groups(config):
+        crops = [random_crop(audio, samples, rng) for _ in range(count)]
+        if pack is not None:
+            out.update(pack(name, np.stack(crops), rng))
+        else:
+            out[name] = np.stack([augment(c, rng) for c in crops] if augment is not None else crops)
+    if reference := reference_samples(config):
+        out["reference"] = random_crop(audio, reference, rng)
     return out

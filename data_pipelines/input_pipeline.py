@@ -19,6 +19,17 @@ Order of operations, and why:
 Records stored as FLAC (`data.storage = "flac"`) are decoded to the same
 int16 samples inside the map, in the grain workers.
 
+Where the waveform arithmetic runs is `data.augment.on`:
+
+  "host"    the map augments each view (data_pipelines/augment.py, NumPy / SciPy)
+            and the batch holds float32 waveforms;
+  "device"  the map only cuts the crops and draws the augmentation (the same
+            draws from the same generator: `Augmenter.draw`), and the batch holds
+            int16 crops, the drawn RIRs and noise excerpts (int16) and SNRs; the
+            train step turns them into the same float32 waveforms on the
+            accelerator (ssps_jax/device_augment.py), sharded with the batch.
+            Fewer host cycles per example, and no float32 copies between processes.
+
 G is the global batch, P the number of JAX processes. The iterator's state
 (grain's own, `get_state`/`set_state`, checkpointable with orbax) is a
 position in this sequence, so a restored run sees exactly the batches it
@@ -28,16 +39,17 @@ would have seen.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import signal
 
 import grain
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
 
 from data_pipelines import augment as augment_lib
 from data_pipelines import crops as crops_lib
-from data_pipelines import speaker_corpus
+from data_pipelines import paths, speaker_corpus
 from data_pipelines.errors import InputError
 
 
@@ -68,6 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
                 "count_speech": (1, 1),
                 "count_music": (1, 1),
                 "count_noise": (1, 1),
+                # Where the crops are augmented and converted to float32 (module docstring): "host" | "device".
+                "on": "host",
+                # "device" only: RIRs travel cut to their first rir_seconds (longer ones are warned about once).
+                "rir_seconds": 1.0,
             },
             "workers": 2,  # grain worker processes; 0 reads in the main process
             "prefetch": 4,  # batches buffered per worker
@@ -75,17 +91,46 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
+AUGMENT_ON = ("host", "device")
+
+
+def _to_float(pcm: np.ndarray) -> np.ndarray:
+    return pcm.astype(np.float32) / augment_lib.PCM_SCALE
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainExamples(grain.transforms.RandomMap):
-    """Record -> {views..., reference, index}: docs/method.md §2 for one utterance."""
+    """Record -> {views..., reference, index}: docs/method.md §2 for one utterance (module docstring for `on`)."""
 
     crops: crops_lib.CropConfig
     augmenter: augment_lib.Augmenter | None
+    on: str = "host"
+
+    def __post_init__(self):
+        if self.on not in AUGMENT_ON:
+            raise InputError(f"data.augment.on must be one of {AUGMENT_ON}, got {self.on!r}")
+
+    def _view(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        view = _to_float(crop)
+        return view if self.augmenter is None else self.augmenter(view, rng)
+
+    def _pack(self, name: str, crops: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {name: crops}
+        if self.augmenter is not None:
+            draws = [self.augmenter.draw(crops.shape[1], rng) for _ in crops]
+            out.update({f"{name}_{key}": x for key, x in self.augmenter.pack(draws, crops.shape[1]).items()})
+        return out
 
     def random_map(self, record, rng: np.random.Generator):
         # FLAC records are decoded here, in the grain workers: the same int16 samples as int16 storage.
-        audio = speaker_corpus.decode_audio(record["audio"]).astype(np.float32) / 32768.0
-        out = crops_lib.make_views(audio, self.crops, rng, self.augmenter)
+        # Crops are cut from the int16 samples; only what the example carries is converted.
+        audio = speaker_corpus.decode_audio(record["audio"])
+        if self.on == "host":
+            out = crops_lib.make_views(audio, self.crops, rng, augment=self._view)
+            if "reference" in out:
+                out["reference"] = _to_float(out["reference"])
+        else:
+            out = crops_lib.make_views(audio, self.crops, rng, pack=self._pack)
         out["index"] = np.int32(record["index"])
         return out
 
@@ -121,10 +166,18 @@ def train_dataset(
 def batch_shapes(data: ml_collections.ConfigDict, global_batch_size: int) -> dict[str, tuple[tuple, np.dtype]]:
     """(shape, dtype) of every array of a global batch, without reading any data (ahead-of-time compilation)."""
     crops = crops_lib.CropConfig(**data.crops)
-    example = crops_lib.make_views(np.zeros(1, np.float32), crops, np.random.default_rng(0))
-    shapes = {name: ((global_batch_size, *x.shape), x.dtype) for name, x in sorted(example.items())}
+    on_device = data.augment.on == "device"
+    audio = np.dtype(np.int16 if on_device else np.float32)
+    augment = augment_config(data.augment) if data.augment.enabled and on_device else None
+    shapes = {}
+    for name, count, samples in crops_lib.view_groups(crops):
+        shapes[name] = ((global_batch_size, count, samples), audio)
+        for key, x in (augment.packed(count, samples) if augment else {}).items():
+            shapes[f"{name}_{key}"] = ((global_batch_size, *x.shape), x.dtype)
+    if reference := crops_lib.reference_samples(crops):
+        shapes["reference"] = ((global_batch_size, reference), audio)
     shapes["index"] = ((global_batch_size,), np.dtype(np.int32))
-    return shapes
+    return dict(sorted(shapes.items()))
 
 
 def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 4) -> grain.DatasetIterator:
@@ -134,12 +187,35 @@ def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 4
         flags.FLAGS.mark_as_parsed()
     it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=0))
     if workers:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=_ignore_stop_signals,
+        )
     return iter(it_ds)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """Input workers outlive a preemption notice: it reaches every process of the host (systemd on a TPU VM,
+    slurmstepd), and training still needs batches to reach the step all processes stop at and save it
+    (ssps_jax/preemption.py). Grain stops its workers itself when the iterator closes."""
+    del worker_index, worker_count
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _tuple_ranges(aug: ml_collections.ConfigDict, prefix: str, cast) -> tuple:
     return tuple(tuple(cast(v) for v in aug[f"{prefix}_{c}"]) for c in augment_lib.CATEGORIES)
+
+
+def augment_config(aug: ml_collections.ConfigDict) -> augment_lib.AugmentConfig:
+    """The augmentation settings of the `data.augment` config section."""
+    return augment_lib.AugmentConfig(
+        strategy=aug.strategy,
+        aug_prob=aug.aug_prob,
+        snr=_tuple_ranges(aug, "snr", float),
+        count=_tuple_ranges(aug, "count", int),
+        rir_seconds=aug.rir_seconds,
+    )
 
 
 def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
@@ -148,23 +224,18 @@ def make_examples(data: ml_collections.ConfigDict) -> TrainExamples:
     augmenter = None
     aug = data.augment
     if aug.enabled:
-        base = Path(data.base_dir)
+        base = epath.Path(data.base_dir)
         augmenter = augment_lib.Augmenter(
-            augment_lib.AugmentConfig(
-                strategy=aug.strategy,
-                aug_prob=aug.aug_prob,
-                snr=_tuple_ranges(aug, "snr", float),
-                count=_tuple_ranges(aug, "count", int),
-            ),
+            augment_config(aug),
             noise_dir=aug.noise_dir or base / "musan_split",
             rir_dir=aug.rir_dir or base / "simulated_rirs",
         )
-    return TrainExamples(crops, augmenter)
+    return TrainExamples(crops, augmenter, aug.on)
 
 
-def tfds_dir(data: ml_collections.ConfigDict) -> Path:
+def tfds_dir(data: ml_collections.ConfigDict) -> epath.Path:
     """Where the train split's ArrayRecords are: data.tfds_dir, by default <data.base_dir>/tfds."""
-    return Path(data.tfds_dir or speaker_corpus.default_data_dir(data.base_dir))
+    return epath.Path(data.tfds_dir or speaker_corpus.default_data_dir(data.base_dir))
 
 
 def train_labels(data: ml_collections.ConfigDict, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +248,8 @@ def load_source(data: ml_collections.ConfigDict):
     """The prepared `train` split (built on first use, resumed if interrupted) as a random-access source.
 
     A dataset TFDS did not finish writing is not prepared (it is built, or its build continued);
-    one whose shard files are missing is refused with an error naming its folder.
+    one whose shard files are missing is refused with an error naming its folder. One in a gs://
+    data dir is read from a copy on this host (speaker_corpus.local_copy: ArrayRecord reads local files).
     """
     for key in ("train_csv", "base_dir"):
         if not data.get(key):
@@ -192,4 +264,6 @@ def load_source(data: ml_collections.ConfigDict):
         workers=data.prepare_workers or None,
     )
     speaker_corpus.check_complete(builder)
+    if paths.is_remote(builder.data_path):
+        builder = speaker_corpus.local_copy(builder)
     return builder.as_data_source(split="train")

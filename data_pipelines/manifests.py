@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from pathlib import Path, PurePosixPath
+import io
+from pathlib import PurePosixPath
+
+from etils import epath
 
 from data_pipelines.errors import InputError
 
@@ -16,7 +19,7 @@ from data_pipelines.errors import InputError
 class ManifestError(InputError):
     """A malformed train CSV or trial list; the message lists every problem."""
 
-    def __init__(self, path: Path | str, problems: list[str]):
+    def __init__(self, path: epath.PathLike, problems: list[str]):
         shown = problems[:50]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
         super().__init__(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
@@ -40,21 +43,25 @@ class Trial:
     test: str
 
 
+def csv_text(path: epath.PathLike) -> io.StringIO:
+    """A CSV file's text as `csv` reads it (as `open(path, newline="")` gives it), local or remote (gs://)."""
+    return io.StringIO(epath.Path(path).read_bytes().decode("utf-8"), newline="")
+
+
 def default_session(file: str) -> str:
     """sslsv layout: <speaker>/<session>/<utt>.wav, so the session is the parent folder."""
     return PurePosixPath(file).parent.name
 
 
-def read_utterances(path: Path | str) -> list[Utterance]:
+def read_utterances(path: epath.PathLike) -> list[Utterance]:
     """Reads a CSV with columns File,Speaker[,Session] (extra columns are ignored).
 
     Session defaults to the folder above each file, as in VoxCeleb.
     """
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise ManifestError(path, ["file not found"])
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(csv_text(path)))
     if not rows:
         raise ManifestError(path, ["line 1: empty file, expected a header File,Speaker[,Session]"])
     header = [h.strip() for h in rows[0]]
@@ -95,12 +102,12 @@ def read_utterances(path: Path | str) -> list[Utterance]:
     return utterances
 
 
-def read_trials(path: Path | str, base_dir: Path | str | None = None) -> list[Trial]:
+def read_trials(path: epath.PathLike, base_dir: epath.PathLike | None = None) -> list[Trial]:
     """Reads a VoxCeleb trial list: one `1|0 enrol_path test_path` per line.
 
     With `base_dir`, every referenced file must exist under it.
     """
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise ManifestError(path, ["file not found"])
     problems, trials = [], []
@@ -120,7 +127,7 @@ def read_trials(path: Path | str, base_dir: Path | str | None = None) -> list[Tr
         if base_dir is not None:
             for name, file in (("enrol", enrol), ("test", test)):
                 if file not in exists:
-                    exists[file] = (Path(base_dir) / file).is_file()
+                    exists[file] = (epath.Path(base_dir) / file).is_file()
                 if not exists[file]:
                     problems.append(f"line {line}: field {name}: unknown file {file!r} (not under {base_dir})")
                     bad = True
@@ -133,7 +140,7 @@ def read_trials(path: Path | str, base_dir: Path | str | None = None) -> list[Tr
     return trials
 
 
-def trial_speakers(path: Path | str) -> set[str]:
+def trial_speakers(path: epath.PathLike) -> set[str]:
     """The speakers of a VoxCeleb trial list: the folder two above each file (`<speaker>/<session>/<utt>`).
 
     Any prefix before that (`voxceleb1/`) is ignored. The files need not exist: `make-csv

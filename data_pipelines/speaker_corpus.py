@@ -53,10 +53,11 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
-from data_pipelines import audio_io, staging
+from data_pipelines import audio_io, paths, staging
 from data_pipelines.errors import InputError
-from data_pipelines.manifests import read_utterances
+from data_pipelines.manifests import csv_text, read_utterances
 
 logger = logging.getLogger(__name__)
 # TFDS messages that only confuse users of a corpus built on their own disk: a builder config is
@@ -81,14 +82,14 @@ class SpeakerCorpusConfig(tfds.core.BuilderConfig):
     staging_dir: str = ""  # stage 1's chunks, streamed into records by _generate_examples
 
 
-def fingerprint(csv_path: Path | str, min_seconds: float) -> str:
+def fingerprint(csv_path: epath.PathLike, min_seconds: float) -> str:
     """Identifies what a prepared dataset was built from."""
-    digest = hashlib.sha256(Path(csv_path).read_bytes())
+    digest = hashlib.sha256(epath.Path(csv_path).read_bytes())
     digest.update(f"min_seconds={min_seconds}".encode())
     return digest.hexdigest()
 
 
-def _staging_key(csv_path: Path, min_seconds: float, storage: str, chunk_size: int) -> str:
+def _staging_key(csv_path: epath.Path, min_seconds: float, storage: str, chunk_size: int) -> str:
     """Identifies what staged chunks hold: the dataset's fingerprint and how its chunks are cut and stored."""
     return hashlib.sha256(f"{fingerprint(csv_path, min_seconds)} {storage} {chunk_size}".encode()).hexdigest()
 
@@ -171,7 +172,8 @@ class SpeakerCorpus(tfds.core.GeneratorBasedBuilder):
                 index += 1
 
 
-def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
+def _write_csv(path: epath.PathLike, header: list[str], rows: list[tuple]) -> None:
+    path = Path(path)  # always local: a gs:// data dir is prepared in local_dir, then copied
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -179,43 +181,54 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
         writer.writerows(rows)
 
 
-def default_data_dir(base_dir: Path | str) -> Path:
+def default_data_dir(base_dir: epath.PathLike) -> epath.Path:
     """The TFDS data dir of a corpus when none is given: <base_dir>/tfds."""
-    return Path(base_dir) / "tfds"
+    return epath.Path(base_dir) / "tfds"
 
 
-def index_path(data_dir: Path | str, name: str) -> Path:
-    return Path(data_dir) / f"{name}.index.csv"
+def index_path(data_dir: epath.PathLike, name: str) -> epath.Path:
+    return epath.Path(data_dir) / f"{name}.index.csv"
 
 
-def report_path(data_dir: Path | str, name: str) -> Path:
-    return Path(data_dir) / f"{name}.report.csv"
+def report_path(data_dir: epath.PathLike, name: str) -> epath.Path:
+    return epath.Path(data_dir) / f"{name}.report.csv"
 
 
-def staging_path(data_dir: Path | str, name: str) -> Path:
-    return Path(data_dir) / f"{name}.staging"
+def staging_path(data_dir: epath.PathLike, name: str) -> epath.Path:
+    return epath.Path(data_dir) / f"{name}.staging"
 
 
-def read_labels(path: Path | str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def local_dir(data_dir: epath.PathLike) -> epath.Path:
+    """The folder of this host where the records of a remote (gs://) data dir are written and read.
+
+    ArrayRecord's open-source reader and writer open local files only (no gs:// file system in its
+    build), so a gs:// data dir is prepared here and copied there, and each host reads a copy of it
+    here: $SSPS_JAX_CACHE (default ~/.cache/ssps_jax)/<scheme>/<bucket>/<path>.
+    """
+    scheme, rest = os.fspath(data_dir).split("://", 1)
+    root = epath.Path(os.environ.get("SSPS_JAX_CACHE") or "~/.cache/ssps_jax").expanduser()
+    return paths.absolute(root) / scheme / rest
+
+
+def read_labels(path: epath.PathLike, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Speaker and session ids of dataset indices 0..size-1 from an index CSV; -1 where unknown.
 
     For diagnostics only. A session is its name (the video in VoxCeleb), whoever speaks in it.
     """
     ids = {"Speaker": {}, "Session": {}}
     labels = {key: np.full(size, -1, np.int32) for key in ids}
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         logger.warning("%s not found: SSPS speaker/session diagnostics are off", path)
         return labels["Speaker"], labels["Session"]
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            if int(row["Index"]) < size:
-                for key, table in ids.items():
-                    labels[key][int(row["Index"])] = table.setdefault(row[key], len(table))
+    for row in csv.DictReader(csv_text(path)):
+        if int(row["Index"]) < size:
+            for key, table in ids.items():
+                labels[key][int(row["Index"])] = table.setdefault(row[key], len(table))
     return labels["Speaker"], labels["Session"]
 
 
-def _check_reuse(builder: SpeakerCorpus, csv_path: Path, min_seconds: float, storage: str) -> None:
+def _check_reuse(builder: SpeakerCorpus, csv_path: epath.Path, min_seconds: float, storage: str) -> None:
     """A dataset already prepared under this name must be the one asked for."""
     expected = fingerprint(csv_path, min_seconds)
     found = builder.info.metadata.get("fingerprint")
@@ -233,7 +246,7 @@ def _check_reuse(builder: SpeakerCorpus, csv_path: Path, min_seconds: float, sto
         )
 
 
-def _announce(utterances, base: Path, data_dir: Path, staging_dir: Path, say) -> None:
+def _announce(utterances, base: epath.Path, data_dir: epath.Path, staging_dir: epath.Path, say) -> None:
     """Prints the size of the job and refuses to start it when the data dir's disk cannot hold it."""
     seconds = staging.estimate_seconds(utterances, base)
     needed = max(0, staging.disk_needed(seconds) - staging.folder_bytes(staging_dir))
@@ -252,7 +265,7 @@ def _announce(utterances, base: Path, data_dir: Path, staging_dir: Path, say) ->
         )
 
 
-def _check_files(rows: list[dict], csv_path: Path, base: Path, report: Path, skip_bad: bool) -> None:
+def _check_files(rows: list[dict], csv_path: epath.Path, base: epath.Path, report: Path, skip_bad: bool) -> None:
     """Writes the report; raises on bad files unless `skip_bad`, and when no file is usable."""
     entries = []
     for r in rows:
@@ -282,9 +295,9 @@ def _check_files(rows: list[dict], csv_path: Path, base: Path, report: Path, ski
 
 
 def prepare(
-    csv_path: Path | str,
-    base_dir: Path | str,
-    data_dir: Path | str,
+    csv_path: epath.PathLike,
+    base_dir: epath.PathLike,
+    data_dir: epath.PathLike,
     *,
     name: str | None = None,
     min_seconds: float = 0.5,
@@ -300,10 +313,12 @@ def prepare(
     that name already prepared from another CSV (or another `min_seconds` or
     storage) is an error rather than silently reused. `workers` decoding
     processes (default: all cores); `say` prints the plan and progress.
+    The CSV, the base folder and the data dir may be gs:// URIs; a gs://
+    data dir is prepared in `local_dir(data_dir)` and copied there.
     """
     if storage not in staging.STORAGES:
         raise InputError(f"storage {storage!r}: expected one of {', '.join(staging.STORAGES)}")
-    csv_path, data_dir, base = Path(csv_path).resolve(), Path(data_dir).resolve(), Path(base_dir).resolve()
+    csv_path, data_dir, base = paths.absolute(csv_path), paths.absolute(data_dir), paths.absolute(base_dir)
     name = name or config_name(csv_path)
     staging_dir = staging_path(data_dir, name)
     config = SpeakerCorpusConfig(
@@ -318,8 +333,27 @@ def prepare(
     builder = SpeakerCorpus(config=config, data_dir=str(data_dir), file_format="array_record")
     if builder.is_prepared():
         _check_reuse(builder, csv_path, min_seconds, storage)
-        staging.remove_staging(staging_dir)  # left if a run was killed between the last rename and this cleanup
+        if not paths.is_remote(data_dir):
+            staging.remove_staging(staging_dir)  # left if a run was killed between the last rename and this cleanup
         return builder
+    if paths.is_remote(data_dir):
+        local = prepare(
+            csv_path,
+            base,
+            local_dir(data_dir),
+            name=name,
+            min_seconds=min_seconds,
+            skip_bad=skip_bad,
+            storage=storage,
+            workers=workers,
+            chunk_size=chunk_size,
+            say=say,
+        )
+        say(f"copying {local.data_path} to {builder.data_path}")
+        for extra in (index_path, report_path):
+            extra(local_dir(data_dir), name).copy(extra(data_dir, name), overwrite=True)
+        _copy_dataset(local.data_path, builder.data_path)
+        return SpeakerCorpus(config=config, data_dir=str(data_dir), file_format="array_record")
 
     utterances = read_utterances(csv_path)
     _announce(utterances, base, data_dir, staging_dir, say)
@@ -352,10 +386,49 @@ def prepare(
     return builder
 
 
+def _copy_dataset(source: epath.Path, dest: epath.Path) -> None:
+    """Copies a prepared dataset's folder, its info files last: TFDS takes a folder with them for a prepared one."""
+    last = ("features.json", "dataset_info.json")
+    files = sorted(source.iterdir(), key=lambda f: (f.name in last, last.index(f.name) if f.name in last else 0))
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        file.copy(dest / file.name, overwrite=True)
+
+
+def local_copy(builder: SpeakerCorpus) -> SpeakerCorpus:
+    """The dataset of `builder` (prepared in a gs:// data dir) as a copy on this host, made once (see `local_dir`).
+
+    A copy is reused while its dataset_info.json is the remote one's. Several processes of one host
+    copy to folders of their own and rename theirs into place: the first one wins.
+    """
+    remote = builder.data_path
+    local = SpeakerCorpus(
+        config=builder.builder_config, data_dir=str(local_dir(builder.data_dir_root)), file_format="array_record"
+    )
+    target = local.data_path
+    info = (remote / "dataset_info.json").read_bytes()
+    if local.is_prepared() and (target / "dataset_info.json").read_bytes() == info:
+        return local
+    incoming = target.parent / f"{target.name}.incoming-{os.getpid()}"
+    incoming.rmtree(missing_ok=True)
+    _copy_dataset(remote, incoming)
+    if target.exists():
+        target.rmtree(missing_ok=True)  # a copy of an older preparation
+    try:
+        incoming.rename(target)
+    except OSError:  # another process of this host renamed its copy first
+        incoming.rmtree(missing_ok=True)
+    local = SpeakerCorpus(
+        config=builder.builder_config, data_dir=str(local_dir(builder.data_dir_root)), file_format="array_record"
+    )
+    check_complete(local)
+    return local
+
+
 def check_complete(builder: SpeakerCorpus) -> None:
     """Refuses a prepared dataset whose shard files are not all there (e.g. a partial copy)."""
     split = builder.info.splits["train"]
-    missing = [f for f in split.filepaths if not Path(f).is_file()]
+    missing = [f for f in split.filepaths if not epath.Path(f).is_file()]
     if missing:
         raise InputError(
             f"{builder.data_path} is incomplete: {len(missing)} of its {len(split.filepaths)} shard files are "
@@ -363,7 +436,7 @@ def check_complete(builder: SpeakerCorpus) -> None:
         )
 
 
-def config_name(csv_path: Path | str) -> str:
+def config_name(csv_path: epath.PathLike) -> str:
     """The dataset's TFDS config name: the CSV's file name, letters, digits and '_' only."""
-    cleaned = "".join(c if c.isalnum() else "_" for c in Path(csv_path).stem)
+    cleaned = "".join(c if c.isalnum() else "_" for c in epath.Path(csv_path).stem)
     return cleaned if cleaned[:1].isalpha() else f"c_{cleaned}"

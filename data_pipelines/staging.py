@@ -16,6 +16,9 @@ is built to be spread over processes and to survive being killed:
 - The staging folder holds a KEY (hash of the CSV's bytes and of every
   setting that changes a chunk's content). Staging left by another CSV or
   other settings is refused, never mixed in.
+- The staging folder is always on a local disk (`prepare` of a gs:// data
+  dir stages and writes the records locally, then copies them there); the
+  corpus it decodes (the base folder) may be remote.
 - Progress is printed as plain lines (files/s, elapsed, ETA), like training's
   progress line, at most every `PROGRESS_SECONDS` (ssps_jax/observe.py's
   helpers are not reused: that module imports JAX, which data needs not).
@@ -36,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from data_pipelines import audio_io
 from data_pipelines.errors import InputError
@@ -75,7 +79,7 @@ def decode_chunk(task: Task) -> tuple[int, int, float]:
     for line, file in task.files:
         row = {"line": line, "file": file, "status": "ok", "reason": "", "silent": False}
         try:
-            audio = audio_io.read_audio(Path(task.base_dir) / file, task.min_seconds)
+            audio = audio_io.read_audio(epath.Path(task.base_dir) / file, task.min_seconds)
         except audio_io.AudioFileError as e:
             row.update(status="skipped", reason=e.reason)
         else:
@@ -109,7 +113,7 @@ def read_payloads(path: Path | str) -> Iterator[tuple[dict, bytes]]:
 
 
 def make_tasks(
-    utterances: list[Utterance], base_dir: Path | str, staging_dir: Path | str, *, chunk_size, min_seconds, storage
+    utterances: list[Utterance], base_dir: epath.PathLike, staging_dir: Path | str, *, chunk_size, min_seconds, storage
 ) -> list[Task]:
     return [
         Task(
@@ -197,12 +201,12 @@ def run(tasks: list[Task], total_files: int, workers: int, say: Callable[[str], 
     progress.update(0, final=True)
 
 
-def estimate_seconds(utterances: list[Utterance], base_dir: Path | str, sample: int = HEADER_SAMPLE) -> float:
+def estimate_seconds(utterances: list[Utterance], base_dir: epath.PathLike, sample: int = HEADER_SAMPLE) -> float:
     """Total audio duration from the headers of `sample` files evenly spread over the CSV, scaled to all."""
     if not utterances:
         return 0.0
     picked = utterances[:: max(1, len(utterances) // sample)][:sample]
-    seconds = [audio_io.duration_seconds(Path(base_dir) / u.file) for u in picked]
+    seconds = [audio_io.duration_seconds(epath.Path(base_dir) / u.file) for u in picked]
     return float(np.mean(seconds)) * len(utterances)
 
 

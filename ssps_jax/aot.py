@@ -73,7 +73,6 @@ _DTYPE_BYTES = {"pred": 1, "bf16": 2}
 
 def topology_devices(name: str) -> list:
     """Every device of the TPU slice `name` (e.g. "v5e:4x4"), across all its hosts."""
-    hardware.quiet_libtpu_off_tpu()
     from jax.experimental import topologies
 
     try:
@@ -341,7 +340,7 @@ def run_roofline_seconds(report: Report) -> float | None:
     if c["ssps"] is None:
         return by_name["plain step"] * per_epoch * epochs if "plain step" in by_name else None
     start = c["ssps"]["start_epoch"]
-    clustered = c["ssps"]["sampling"] in sampling.CLUSTERED
+    clustered = sampling.get(c["ssps"]["sampling"]).clustered
     needed = ["plain step", "SSPS step"] + (["clustering"] if clustered else [])
     if any(n not in by_name for n in needed):
         return None

@@ -24,6 +24,7 @@ from data_pipelines import input_pipeline
 from data_pipelines.errors import ConfigError
 from ssps_jax import methods, sharding
 from ssps_jax.methods.base import Method
+from ssps_jax.ssps import sampling
 from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.train_state import TrainState, init_train_state, partition_specs
 from ssps_jax.train_step import make_train_step
@@ -93,8 +94,8 @@ def build(
         abstract=abstract,
     )
     ssps = SSPS.from_config(config.ssps, per_epoch, mesh)
-    if ssps.enabled and ssps.sampling.method == "oracle" and not abstract:
-        _check_oracle_labels(config, labels)
+    if ssps.enabled and sampling.get(ssps.sampling.method).needs_labels and not abstract:
+        _check_sampling_labels(config, labels)
     queues = ssps.init_state(
         mesh,
         dataset_size=dataset_size,
@@ -141,13 +142,13 @@ def _train_speakers(config, method: Method, labels, dataset_size: int, abstract:
     return labels[0]
 
 
-def _check_oracle_labels(config, labels) -> None:
-    """Oracle sampling draws by speaker and session: a corpus whose index file has none cannot run it."""
+def _check_sampling_labels(config, labels) -> None:
+    """A sampler that draws by speaker and session (oracle) cannot run on a corpus whose index file has none."""
     labels = labels or (None, None)
     missing = [name for name, ids in zip(("Speaker", "Session"), labels) if ids is None or ids.max() < 0]
     if missing:
         raise ConfigError(
-            f"config.ssps.sampling: oracle needs speaker and session labels, but the index file of "
+            f"config.ssps.sampling: {config.ssps.sampling} needs speaker and session labels, but the index file of "
             f"{config.data.train_csv} lists no {' / '.join(missing)} for any utterance"
         )
 

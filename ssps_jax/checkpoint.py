@@ -23,6 +23,15 @@ queues can continue as a run without SSPS (the fair baseline), and a plain
 checkpoint as an SSPS run (its queues start empty); what is dropped or kept
 fresh is reported.
 
+Another model: before anything is restored (or, in training, moved or
+written), the checkpoint's tree of arrays (paths, shapes, dtypes, from
+orbax's metadata) must be the one the config builds (`check_matches`);
+otherwise CheckpointMismatchError names the first differing array and the
+config key that probably differs, and the CLI exits 2. The restore target
+itself mirrors the checkpoint's tree (PLACEHOLDER where nothing is read), so
+orbax refuses a tree of another structure rather than hand back unfilled
+arrays, and every array read is checked against the shape asked for.
+
 Faults (`restore_newest`): a checkpoint folder that is not complete or whose
 stored values cannot all be read back (a crash of the storage layer, a bad
 copy) is skipped with a one-line warning, and the next older one is used;
@@ -37,17 +46,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
-from pathlib import Path
+import re
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 
-from data_pipelines.errors import InputError
-from ssps_jax import storage
+from data_pipelines import paths
+from data_pipelines.errors import ConfigError, InputError
+from ssps_jax import methods, storage
 from ssps_jax.ssps.state import RESTORE_GROUPS, SSPSState
 from ssps_jax.train_state import TrainState, as_dict, from_dict
 
@@ -58,8 +69,16 @@ COMMIT_FILE = "commit_success.txt"  # orbax writes it into a step folder once ev
 ITEMS = ("state", "data", "meta")
 
 
+# The fields a mismatch is looked for in first: the model's arrays say best what differs.
+FIELD_ORDER = ("params", "batch_stats", "step", "rng", "opt_state")
+
+
 class NoReadableCheckpointError(InputError):
     """Checkpoints exist, and none of them can be read back."""
+
+
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint holds another model (or optimizer) than the config builds; nothing is restored."""
 
 
 def _quiet_failed_io_echoes() -> None:
@@ -88,16 +107,20 @@ def _quiet_failed_io_echoes() -> None:
 
 
 def _not_an_io_echo(record: logging.LogRecord) -> bool:
-    """False for orbax's own logs of a failure that the run reports in one line (a full disk), or repeats."""
+    """False for orbax's own logs of a failure that the run reports in one line (a full disk), or repeats, and for
+    its note that a manager opened read-only (evaluation, export) is read-only."""
     if "_SignalingThread.run() raised an exception" in record.getMessage():
+        return False
+    if record.msg == "Given directory is read only=%s":  # said of every read_only manager: evaluation asks for it
         return False
     return not (record.exc_info and storage.full_cause(record.exc_info[1]))
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: epath.PathLike, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """`read_only`: for evaluation and export, which write nothing there (not even the folder)."""
         _quiet_failed_io_echoes()
-        self.directory = Path(directory).resolve()
+        self.directory = paths.absolute(directory)
         self._saving: int | None = None  # the step of an async save that may still be in flight
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -107,10 +130,13 @@ class Checkpointer:
                 "meta": ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
+                max_to_keep=None if read_only else keep,
+                save_interval_steps=0 if read_only else 1,
                 enable_async_checkpointing=async_save,
-                create=True,
-                cleanup_tmp_directories=True,  # a save cut short by a kill or a full disk: never a checkpoint
+                create=not read_only,
+                read_only=read_only,
+                # A save cut short by a kill or a full disk: never a checkpoint.
+                cleanup_tmp_directories=not read_only,
             ),
         )
 
@@ -153,7 +179,7 @@ class Checkpointer:
             except (OSError, ValueError) as e:
                 return f"{file.relative_to(path)} unreadable ({_first_line(e)})"
         try:
-            store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path / 'state'}/"}).result()
+            store = ts.KvStore.open({"driver": "ocdbt", "base": _kvstore_url(path / "state")}).result()
             keys = store.list().result()
             if not keys:
                 return "state/ holds no values"
@@ -166,19 +192,35 @@ class Checkpointer:
                 return f"state/ value {key.decode(errors='replace')} unreadable ({_first_line(e)})"
         return None
 
-    def restore_newest(self, like: TrainState, iterator: grain.DatasetIterator | None = None, move_aside: bool = True):
+    def restore_newest(
+        self,
+        like: TrainState,
+        iterator: grain.DatasetIterator | None = None,
+        move_aside: bool = True,
+        config: ml_collections.ConfigDict | None = None,
+    ):
         """(step, state, meta) of the newest checkpoint that restores completely; None if there are none.
 
         Damaged ones are skipped with one warning line each and, with `move_aside` (training), moved
-        to <workdir>/checkpoints_skipped/. Raises NoReadableCheckpointError when none is readable.
+        to <workdir>/checkpoints_skipped/. Raises NoReadableCheckpointError when none is readable, and
+        CheckpointMismatchError (before anything is moved) when the newest readable one holds another
+        model than `like` (`config`, the one `like` was built from, names the key that probably differs).
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged, readable = {}, None
         for step in steps:
             if (why := self.damage(step)) is None:
-                return (step, *self.restore(step, like, iterator))
+                readable = step
+                break
+            damaged[step] = why
+        if readable is not None:
+            self.check_matches(readable, like, config)  # refused before anything is moved or restored
+        for step, why in damaged.items():
             where = self._move_aside(step) if move_aside else None
             moved = f"; moved to {where}" if where else ""
             logger.warning("checkpoint %d skipped: %s%s", step, why, moved)
+        if readable is not None:
+            return (readable, *self.restore(readable, like, iterator))
         if steps:
             raise NoReadableCheckpointError(
                 f"none of the {len(steps)} checkpoint(s) in {self.directory} can be read back "
@@ -186,23 +228,49 @@ class Checkpointer:
             )
         return None
 
-    def restore_for_use(self, like: TrainState, step: int | None = None):
+    def restore_for_use(
+        self, like: TrainState, step: int | None = None, config: ml_collections.ConfigDict | None = None
+    ):
         """(step, state, meta) of checkpoint `step`, or of the newest readable one: for evaluation and export.
 
         Damaged checkpoints are skipped with a warning and left where they are; a `step` that is
-        missing or damaged is an InputError naming it.
+        missing or damaged is an InputError naming it; one of another model, a CheckpointMismatchError.
         """
         if step is None:
-            if (restored := self.restore_newest(like, move_aside=False)) is None:
+            if (restored := self.restore_newest(like, move_aside=False, config=config)) is None:
                 raise InputError(f"no checkpoint in {self.directory}")
             return restored
         if step not in self.manager.all_steps():
             raise InputError(f"no checkpoint {step} in {self.directory}")
         if why := self.damage(step):
             raise InputError(f"checkpoint {step} in {self.directory} cannot be read back: {why}")
+        self.check_matches(step, like, config)
         return (step, *self.restore(step, like))
 
-    def _move_aside(self, step: int) -> Path:
+    def check_matches(self, step: int, like: TrainState, config: ml_collections.ConfigDict | None = None) -> None:
+        """Raises CheckpointMismatchError unless checkpoint `step` holds `like`'s arrays: same paths, shapes, dtypes.
+
+        Compared from the checkpoint's metadata (no array is read), over the fields `like` restores but
+        the SSPS queues (whose groups of other sizes start fresh, see `restore`). The error names the
+        first differing array and, with `config` (the one `like` was built from), the key that
+        probably differs.
+        """
+        saved = self.manager.item_metadata(step)["state"]
+        saved_leaves, wanted_leaves = _leaves(saved), _leaves(as_dict(like))
+        fields = [f for f in FIELD_ORDER if f in saved_leaves and f in wanted_leaves]
+        fields += sorted((set(saved_leaves) & set(wanted_leaves)) - set(fields) - {"ssps"})
+        for field in fields:
+            if (found := _first_difference(saved_leaves[field], wanted_leaves[field])) is None:
+                continue
+            path, what = found
+            key = likely_config_key((field, *path), config) if config is not None else "the config"
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.directory} holds another model than the config builds: "
+                f"{'/'.join((field, *path))} {what} ({key} probably differs). Nothing was restored or written: "
+                "run with the config the workdir was trained with, or train the new one in another workdir"
+            )
+
+    def _move_aside(self, step: int) -> epath.Path:
         """Moves checkpoint `step` to checkpoints_skipped/<step>[.N] (process 0; the others wait for it)."""
         aside = self.directory.parent / SKIPPED_DIR / str(step)
         n = 0
@@ -211,7 +279,7 @@ class Checkpointer:
             aside = aside.with_name(f"{step}.{n}")
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(self.directory / str(step), aside)
+            (self.directory / str(step)).rename(aside)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -237,13 +305,18 @@ class Checkpointer:
         wanted = {k: v for k, v in wanted.items() if k in saved}
         if "ssps" in wanted:
             wanted["ssps"] = _restorable_ssps(metadata["ssps"], like.ssps, step)
-        target = jax.tree.map(
-            lambda x: np.empty(x.shape, x.dtype) if x.is_fully_replicated else ocp.utils.to_shape_dtype_struct(x),
-            wanted,
-        )
+        # The target mirrors the checkpoint's tree exactly: each array to restore as its shape and dtype
+        # (no buffer), PLACEHOLDER wherever nothing is restored. Orbax refuses any other structure, so no
+        # array can come back unfilled: with `partial_restore`, a path the checkpoint lacks came back as
+        # the target's own value, and targets made with np.empty handed uninitialised memory to a
+        # restore into another model.
+        target = {field: _placeholders(metadata[field]) for field in saved}
+        for field, value in wanted.items():
+            target[field] = {**target[field], **value} if field == "ssps" else value
+        target = jax.tree.map(_target, target, is_leaf=_is_placeholder)
         items = {
             "state": ocp.args.PyTreeRestore(
-                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+                target, restore_args=jax.tree.map(_restore_args, target, is_leaf=_is_placeholder)
             ),
             "meta": ocp.args.JsonRestore(),
         }
@@ -252,13 +325,13 @@ class Checkpointer:
         elif iterator is not None:
             logger.warning("checkpoint %d holds imported weights: the input stream starts at its beginning", step)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        fields = jax.tree.map(
-            lambda r, x: (
-                jax.make_array_from_callback(x.shape, x.sharding, lambda i: r[i]) if x.is_fully_replicated else r
-            ),
-            dict(restored["state"]),
-            wanted,
-        )
+        state = dict(restored["state"])
+
+        def asked(tree: dict, field: str):  # of the SSPS state, only the groups restored (the others are fresh)
+            return {k: tree[field][k] for k in wanted[field]} if field == "ssps" else tree[field]
+
+        fields = {field: asked(state, field) for field in wanted}
+        fields = jax.tree.map(_placed, fields, {field: asked(target, field) for field in wanted}, wanted)
         return from_dict(like, fields), restored["meta"]
 
     def wait(self) -> None:
@@ -270,12 +343,126 @@ class Checkpointer:
         self.manager.close()
 
 
-def _imported(path: Path) -> bool:
+def _leaves(tree) -> dict[str, dict[tuple[str, ...], tuple[tuple[int, ...], str]]]:
+    """field -> {path in the field: (shape, dtype)} of every array of a state dict (as_dict) or of its metadata."""
+    out = {}
+    for field, value in tree.items():
+        flat, _ = jax.tree_util.tree_flatten_with_path(value)
+        out[field] = {
+            tuple(_key_name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+            for path, leaf in flat
+            if hasattr(leaf, "shape")
+        }
+    return out
+
+
+def _key_name(key) -> str:
+    for attribute in ("key", "name", "idx"):  # DictKey, GetAttrKey (named tuples), SequenceKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _first_difference(saved: dict, wanted: dict) -> tuple[tuple[str, ...], str] | None:
+    """(path, what differs) of the first array (in path order) that the two leaf tables do not share alike."""
+    for path in sorted(saved.keys() | wanted.keys()):
+        if path not in wanted:
+            return path, "is in the checkpoint but not in the config's model"
+        if path not in saved:
+            return path, "is in the config's model but not in the checkpoint"
+        if saved[path] != wanted[path]:
+            (a, a_type), (b, b_type) = saved[path], wanted[path]
+            return path, f"is {a} {a_type} in the checkpoint, {b} {b_type} in the config's model"
+    return None
+
+
+# The encoders' own top-level modules (beside the `fc` both have).
+_ENCODER_MODULES = {
+    "ecapa_tdnn": re.compile(r"(blocks_\d+|mfa|asp|asp_bn)"),
+    "resnet34": re.compile(r"(conv|bn|block\d+_\d+|pooling)"),
+}
+
+
+def likely_config_key(path: tuple[str, ...], config: ml_collections.ConfigDict) -> str:
+    """The config key that most probably sets the array at `path` of a state (as_dict's layout, e.g.
+    ("params", "encoder", "blocks_1", "se_block", "conv1", "conv", "bias")): for errors about weights of another
+    model, from a checkpoint or an sslsv file."""
+    parts = list(path)
+    if parts[0] == "opt_state":
+        return "optim.optimizer or another optim key"
+    if parts[0] in ("step", "rng"):
+        return "the framework version"
+    sizes = methods.get(config.method).sslsv_sizes  # the config fields that size each of the method's modules
+    if parts[0] not in ("params", "batch_stats"):  # method state: a momentum network, DINO's centre, queues
+        if len(parts) > 2 and parts[1] in ("params", "batch_stats"):
+            parts = parts[1:]
+        else:
+            return sizes.get(parts[0], f"method ({config.method}'s state {parts[0]!r})")
+    module = parts[1] if len(parts) > 1 else ""
+    if module != "encoder":
+        return sizes.get(module, "method")
+    child = parts[2] if len(parts) > 2 else ""
+    if child == "fc":
+        return "model.encoder_dim"
+    kind = next((name for name, modules in _ENCODER_MODULES.items() if modules.fullmatch(child)), None)
+    if kind is not None and kind != config.model.encoder:
+        return "model.encoder"
+    if config.model.encoder == "resnet34":
+        return "model.resnet34.base_dim / layers (or model.mel.n_mels)"
+    if "se_block" in parts:
+        return "model.ecapa_tdnn.se_channels"
+    if child == "asp" and parts[3:4] == ["tdnn"]:
+        return "model.ecapa_tdnn.attention_channels / channels"
+    if child == "blocks_0":
+        return "model.mel.n_mels / model.ecapa_tdnn.channels"
+    return "model.ecapa_tdnn.channels"
+
+
+def _is_placeholder(x) -> bool:
+    return x is ocp.PLACEHOLDER
+
+
+def _placeholders(saved) -> dict:
+    """A tree of the checkpoint's structure (of one of its fields' metadata) with PLACEHOLDER at every array."""
+    return jax.tree.map(lambda _: ocp.PLACEHOLDER, saved)
+
+
+def _target(x):
+    """An array to restore as its shape and dtype only (and its sharding when sharded); placeholders as they are."""
+    if _is_placeholder(x):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=None if x.is_fully_replicated else x.sharding)
+
+
+def _restore_args(x) -> ocp.RestoreArgs:
+    """Replicated arrays are read once, as host arrays (placed on the devices by `_placed`); sharded ones, by shard."""
+    if _is_placeholder(x):
+        return ocp.RestoreArgs()
+    if x.sharding is None:
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
+    return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+
+
+def _placed(restored, target: jax.ShapeDtypeStruct, like) -> jax.Array:
+    """A restored array checked against its target, laid out like `like` (replicated arrays: from the host copy)."""
+    if not isinstance(restored, (np.ndarray, jax.Array)) or restored.shape != target.shape:
+        raise RuntimeError(f"orbax restored {type(restored).__name__} {getattr(restored, 'shape', '')} for {target}")
+    if target.sharding is not None:
+        return restored
+    return jax.make_array_from_callback(like.shape, like.sharding, lambda index: restored[index])
+
+
+def _imported(path: epath.Path) -> bool:
     """Whether the checkpoint folder `path` holds imported weights (its meta says so): it has no input position."""
     try:
         return "imported" in json.loads((path / "meta" / "metadata").read_text())
     except (OSError, ValueError):
         return False
+
+
+def _kvstore_url(folder: epath.Path) -> str:
+    """TensorStore's URL of a folder: gs:// (or another store's URI) as it is, a local folder as file://."""
+    return f"{folder}/" if paths.is_remote(folder) else f"file://{folder}/"
 
 
 def _first_line(error: BaseException) -> str:

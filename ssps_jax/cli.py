@@ -2,6 +2,7 @@
 
 ssps-jax train           train (or resume) a run: --config FILE --workdir DIR [--config.KEY=VALUE ...]
 ssps-jax evaluate        a checkpoint of a run on trial lists
+ssps-jax plot            a run's training curves and last DET curves, as PNG
 ssps-jax extract         embeddings of a list of recordings into one .npz (resumable)
 ssps-jax score           the score of two recordings with a trained model
 ssps-jax import-sslsv    a workdir from an sslsv (PyTorch) checkpoint
@@ -12,6 +13,7 @@ ssps-jax bench           the SSPS train step: compile, step time, SSPS share, k-
 ssps-jax bench-input     examples/s of the grain input pipeline per number of workers
 ssps-jax bench-prepare   files/s of `prepare` on a generated corpus, extrapolated to VoxCeleb2
 ssps-jax bench-ssps      time k-means and SSPS sampling at a given size
+ssps-jax bench-run       a real training run on a VoxCeleb-shaped synthetic corpus, per augmentation path
 ssps-jax compile         compile every program of a run for a TPU slice, on this host: memory, roofline, collectives
 ssps-jax prepare-demo    write the embedded demo corpus (sslsv layout)
 ssps-jax make-csv        list <ROOT>/<speaker>/<session>/<utt>.wav as a train CSV
@@ -28,10 +30,10 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from data_pipelines.errors import ConfigError, InputError
-from ssps_jax import commands, config_overrides, hardware
+from ssps_jax import commands, config_overrides
 from ssps_jax.config_overrides import UsageError
 
 # One line per section of base_config() in `train --help`; the list itself comes from base_config(),
@@ -115,11 +117,48 @@ def _with_config(p: argparse.ArgumentParser, default: str | None, what: str) -> 
     p.usage = f"{usage} [{_OVERRIDES} ...]"
 
 
+class _Registered:
+    """argparse choices read from a registry when first asked (a help text, or the flag given): the registries
+    import JAX, which `--help` of the other commands and usage errors should not wait for."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]):
+        self._names = names
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
+def _label_free_samplers() -> tuple[str, ...]:
+    from ssps_jax.ssps import sampling
+
+    return sampling.label_free()
+
+
 def _comma_ints(text: str) -> list[int]:
     try:
         return [int(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _augment_paths(text: str) -> list[str]:
+    paths = text.split(",")
+    if bad := [p for p in paths if p not in ("host", "device")]:
+        raise argparse.ArgumentTypeError(f"expected host and/or device, comma-separated, got {bad[0]!r}")
+    return paths
+
+
+def _augment_on(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    p.add_argument(
+        "--augment-on",
+        type=_augment_paths,
+        default=default,
+        metavar="WHERE,...",
+        help=f"{what}: data.augment.on's values, host and/or device (default: %(default)s)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,6 +215,14 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--base-dir", metavar="DIR", help="folder the trial paths are relative to (default: the config's)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
 
+    p = command(
+        "plot",
+        commands.plot,
+        "training curves (metrics.jsonl) and the DET curves of the last evaluation of a workdir, as PNG in "
+        "WORKDIR/plots/",
+    )
+    p.add_argument("workdir", metavar="WORKDIR", help="a training workdir (any run, finished or not)")
+
     p = command("demo", commands.demo, "the CPU demo: SimCLR, then continued with and without SSPS, compared")
     p.add_argument(
         "--oracle",
@@ -205,13 +252,13 @@ def _add_runs(command: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--methods",
-        default="simclr,dino,vicreg,moco,swav,supervised",
-        help="comma-separated, in this order (default: %(default)s)",
+        metavar="NAME,NAME,...",
+        help="comma-separated method names, run in this order (default: every registered method with a demo config)",
     )
 
 
 def _add_model_use(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """The commands that take a trained model out of its workdir (README: "Using a trained model")."""
+    """The commands that take a trained model out of its workdir (docs/usage.md: "Using a trained model")."""
     step = dict(type=int, help="checkpoint step (default: the newest readable one)")
     p = command("extract", commands.extract, "L2-normalised embeddings of a list of recordings, into one .npz")
     p.add_argument("--workdir", required=True, metavar="DIR", help="a training (or imported) workdir")
@@ -232,11 +279,22 @@ def _add_model_use(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="files per resumable part (<out>.parts/; default: %(default)s)",
     )
 
-    p = command("score", commands.score, "score two recordings with a trained model: cosine (and S/AS-Norm)")
+    p = command(
+        "score",
+        commands.score,
+        "score two recordings with a trained model: cosine (and S/AS-Norm), and same / different speaker",
+    )
     p.add_argument("workdir", metavar="WORKDIR", help="a training (or imported) workdir")
     p.add_argument("audio", nargs=2, metavar="AUDIO", help="two recordings (any format prepare reads)")
     p.add_argument("--step", **step)
     p.add_argument("--no-norm", action="store_true", help="cosine only, even when eval.score_norm is set")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="say same / different speaker against T, on the last score printed (default: the EER threshold the "
+        "workdir's evaluation of that checkpoint, or else its newest one, stored for that score)",
+    )
 
     p = command("import-sslsv", commands.import_sslsv, "make a workdir from an sslsv (PyTorch) checkpoint")
     p.add_argument("checkpoint", metavar="MODEL.pt", help="sslsv's model_*.pt ({'model': state_dict, ...})")
@@ -291,11 +349,38 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         help="grain worker process counts to measure (default: %(default)s)",
     )
     p.add_argument("--batches", type=int, default=20, help="timed batches per worker count (default: %(default)s)")
+    _augment_on(p, "host,device", "augmentation paths to measure")
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
     p.add_argument(
         "--against", metavar="FILE", help="JSON of `ssps-jax bench`: say whether the input keeps up with its samples/s"
     )
     _with_config(p, "configs/demo_ssps.py", "config file: its data section and batch are read")
+
+    p = command(
+        "bench-run",
+        commands.bench_run,
+        "a real `ssps-jax train` run on a VoxCeleb-shaped synthetic corpus, per augmentation path: end-to-end "
+        "samples/s against the devices' step, input wait, k-means, evaluation and checkpoint seconds",
+    )
+    p.add_argument("out", help="folder for the corpus (kept, reused), the prepared split and one workdir per path")
+    for name, default, what in (
+        ("speakers", 320, "train speakers"),
+        ("videos", 4, "videos (sessions) per speaker"),
+        ("utterances", 8, "utterances per video, 4-20 s, 7.8 s on average (VoxCeleb2's)"),
+        ("test-speakers", 40, "speakers of the trial list"),
+        ("epochs", 10, "epochs; SSPS starts in the last (its queues fill in the one before)"),
+        ("workers", 8, "grain worker processes (data.workers)"),
+        ("log-every", 10, "steps per logging window (train.log_every_steps)"),
+    ):
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default: %(default)s)")
+    p.add_argument("--batch", type=int, help="global batch (default: the config's train.global_batch_size)")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="compute dtype (default: %(default)s)"
+    )
+    _augment_on(p, "device,host", "augmentation paths to train, in this order")
+    p.add_argument("--against", metavar="FILE", help="JSON of `ssps-jax bench`: e2e samples/s against its step's")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
+    _with_config(p, "configs/simclr_ssps_ecapa.py", "config file: its method, model and batch are trained")
 
     p = command(
         "bench-prepare", commands.bench_prepare, "files/s of `prepare` on a generated corpus, per process count"
@@ -307,7 +392,12 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--workers", type=_comma_ints, default="1,2", metavar="N,N,...", help="process counts (default: %(default)s)"
     )
-    p.add_argument("--storage", choices=("int16", "flac"), default="int16")
+    p.add_argument(
+        "--storage",
+        choices=("int16", "flac"),
+        default="int16",
+        help="how the records hold audio, as `prepare --storage` (default: %(default)s)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
 
     p = command(
@@ -324,11 +414,20 @@ def _add_benchmarks(command: Callable[..., argparse.ArgumentParser]) -> None:
         ("neighbours", 1, "M: neighbour clusters"),
     ):
         p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default {default})")
-    p.add_argument("--sampling", default="kmeans-repr", choices=("kmeans-repr", "kmeans", "knn"))
-    p.add_argument("--queue-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--repeats", type=int, default=3, help="timed k-means runs (median)")
-    p.add_argument("--steps", type=int, default=20, help="timed sampling steps (median)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument(
+        "--sampling",
+        choices=_Registered(_label_free_samplers),
+        help="the sampler timed: an ssps.sampling that needs no labels (default: config.ssps.sampling's default)",
+    )
+    p.add_argument(
+        "--queue-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of the queues, as config.ssps.queue_dtype (default: %(default)s)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed k-means runs, median (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="timed sampling steps, median (default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
 
 
 def _add_compile(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -371,7 +470,9 @@ def _add_compile(command: Callable[..., argparse.ArgumentParser]) -> None:
 def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("prepare-demo", commands.prepare_demo, "write the embedded multi-session demo corpus")
     p.add_argument("out", help="output folder (the corpus base folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="the corpus's seed: the same seed writes the same files (default: 0)"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of speakers (default 60 + 20)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="synthesis processes")
     for name, kind in (
@@ -392,7 +493,7 @@ def _add_data(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("root", help="e.g. data/voxceleb2")
     p.add_argument("--out", required=True, metavar="FILE", help="the CSV to write")
     p.add_argument("--base-dir", metavar="DIR", help="paths are written relative to it (default: the parent of ROOT)")
-    p.add_argument("--ext", default="wav")
+    p.add_argument("--ext", default="wav", help="extension of the audio files listed, e.g. m4a (default: %(default)s)")
     p.add_argument(
         "--exclude-trials",
         action="extend",
@@ -453,8 +554,13 @@ def _lost_run_errors() -> tuple[type[Exception], ...]:
     return (StorageFullError, *((train.NonFiniteLossError,) if train else ()))
 
 
+def _preempted() -> tuple[type[Exception], ...]:
+    """ssps_jax.preemption.Preempted if training was imported (the exit status says "run it again")."""
+    preemption = sys.modules.get("ssps_jax.preemption")
+    return (preemption.Preempted,) if preemption else ()
+
+
 def main(argv: list[str] | None = None) -> None:
-    hardware.quiet_libtpu_off_tpu()  # before any command starts JAX
     args, extras = _parser().parse_known_args(argv)
     command = args.command_parser
     try:
@@ -470,6 +576,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from e
     except _lost_run_errors() as e:
         raise SystemExit(f"error: {e}") from e
+    except _preempted() as e:  # stopped for a preemption, its step saved: the run printed its line
+        raise SystemExit(e.status) from None
 
 
 if __name__ == "__main__":

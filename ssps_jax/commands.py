@@ -20,12 +20,16 @@ from ssps_jax.config_overrides import UsageError
 
 
 def _file(flag: str, path: str) -> None:
-    if not Path(path).is_file():
+    from etils import epath  # local paths and gs:// alike
+
+    if not epath.Path(path).is_file():
         raise UsageError(f"{flag}: file not found: {path}")
 
 
 def _folder(flag: str, path: str) -> None:
-    if not Path(path).is_dir():
+    from etils import epath
+
+    if not epath.Path(path).is_dir():
         raise UsageError(f"{flag}: folder not found: {path}")
 
 
@@ -46,6 +50,17 @@ def evaluate(args: argparse.Namespace) -> None:
     evaluate_run(args.workdir, args.trials, args.base_dir, args.step)
 
 
+def plot(args: argparse.Namespace) -> None:
+    _folder("WORKDIR", args.workdir)
+    from ssps_jax import plot as plot_lib
+
+    written = plot_lib.plot(args.workdir)
+    if not written:
+        raise InputError(f"{args.workdir} has neither metrics.jsonl nor an evaluation's scores: nothing to plot")
+    for path in written:
+        print(f"wrote {path}")
+
+
 def extract(args: argparse.Namespace) -> None:
     _folder("--workdir", args.workdir)
     if args.base_dir:
@@ -64,27 +79,45 @@ def score(args: argparse.Namespace) -> None:
     _folder("WORKDIR", args.workdir)
     for path in args.audio:
         _file("AUDIO", path)
-    from ssps_jax.inference import Verifier
+    from ssps_jax.inference import Threshold, Verifier, stored_threshold
 
     verifier = Verifier.from_workdir(args.workdir, args.step, normalise=not args.no_norm)
-    for kind, value in verifier.scores(*args.audio).items():
+    scores = verifier.scores(*args.audio)
+    for kind, value in scores.items():
         print(f"{kind:<8}{value:.6f}")
+    # The decision is on the most normalised score the workdir evaluates with (the last of eval.score_norm).
+    kind = list(scores)[-1]
+    if args.threshold is not None:
+        threshold = Threshold(args.threshold, kind, "--threshold")
+    else:
+        threshold = stored_threshold(args.workdir, kind, verifier.step)
+    if threshold is None:
+        print(
+            f"no decision: no --threshold, and no evaluation in {args.workdir}/eval stored an EER threshold "
+            f"(ssps-jax evaluate --workdir {args.workdir} stores one)"
+        )
+        return
+    relation = ">=" if scores[kind] >= threshold.value else "<"
+    print(
+        f"{threshold.decide(scores[kind])}: {kind} {scores[kind]:.6f} {relation} threshold {threshold.value:.6f} "
+        f"({threshold.source})"
+    )
 
 
 def import_sslsv(args: argparse.Namespace) -> None:
     _file("MODEL.pt", args.checkpoint)
     from ssps_jax import sslsv_checkpoint
 
-    sslsv_checkpoint.import_sslsv(Path(args.checkpoint), args.config, Path(args.workdir))
+    sslsv_checkpoint.import_sslsv(args.checkpoint, args.config, args.workdir)
 
 
 def export(args: argparse.Namespace) -> None:
     _folder("--workdir", args.workdir)
-    out = Path(args.out)
+    out = args.out
     if args.format == "sslsv":
         from ssps_jax import sslsv_checkpoint
 
-        sslsv_checkpoint.export_sslsv(Path(args.workdir), out, args.step)
+        sslsv_checkpoint.export_sslsv(args.workdir, out, args.step)
         return
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise UsageError(f"--max-seconds must be > 0, got {args.max_seconds}")
@@ -104,7 +137,8 @@ def demo(args: argparse.Namespace) -> None:
 def demo_methods(args: argparse.Namespace) -> None:
     from ssps_jax import demo_methods as demo_methods_lib
 
-    demo_methods_lib.run(args.data, args.workdir, [m.strip() for m in args.methods.split(",") if m.strip()])
+    names = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    demo_methods_lib.run(args.data, args.workdir, names)
 
 
 def bench(args: argparse.Namespace) -> None:
@@ -131,7 +165,28 @@ def bench_input(args: argparse.Namespace) -> None:
         _file("--against", args.against)
     from ssps_jax.bench import input as bench_input_lib
 
-    bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against)
+    bench_input_lib.main(args.config, args.workers, args.batches, args.json, args.against, paths=args.augment_on)
+
+
+def bench_run(args: argparse.Namespace) -> None:
+    if args.against:
+        _file("--against", args.against)
+    for flag in ("speakers", "videos", "utterances", "workers", "log_every"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.test_speakers < 2 or args.videos < 2:
+        raise UsageError("--test-speakers and --videos must be >= 2 (trials pair speakers across videos)")
+    if args.epochs < 2:
+        raise UsageError(f"--epochs must be >= 2 (a queue-fill epoch, then the SSPS epoch), got {args.epochs}")
+    from ssps_jax.bench import real_run
+
+    spec = real_run.CorpusSpec(
+        speakers=args.speakers, videos=args.videos, utterances=args.utterances, test_speakers=args.test_speakers
+    )
+    settings = real_run.RunSettings(
+        epochs=args.epochs, batch=args.batch, dtype=args.dtype, workers=args.workers, log_every=args.log_every
+    )
+    real_run.main(args.config, args.out, spec, settings, args.augment_on, args.against, args.json)
 
 
 def bench_prepare(args: argparse.Namespace) -> None:

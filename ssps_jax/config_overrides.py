@@ -134,11 +134,19 @@ def parse_value(name: str, text: str, current, kind: type):
 
 
 def _sequence(name: str, text: str, current, wrong) -> list:
-    """A tuple or list literal; its items must be of the current items' type (ints do for floats)."""
+    """A tuple or list literal; its items must be of the current items' type (ints do for floats).
+
+    A sequence of strings (or an empty one) also takes one bare item: `--config.eval.trials=list.txt`
+    is `('list.txt',)`. A Python literal other than a string (`5`) is still refused for an empty one.
+    """
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise wrong(f"a {type(current).__name__} literal such as {_example(current)}") from None
+        value = text if all(isinstance(item, str) for item in current) else None
+        if value is None:
+            raise wrong(f"a {type(current).__name__} literal such as {_example(current)}") from None
+    if isinstance(value, str) and all(isinstance(item, str) for item in current):
+        value = [value]
     if not isinstance(value, (tuple, list)):
         raise wrong(f"a {type(current).__name__} literal such as {_example(current)}")
     kinds = {type(item) for item in current}

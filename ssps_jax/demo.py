@@ -33,8 +33,6 @@ from ssps_jax.evaluation import plots
 from ssps_jax.evaluation.verification import trial_list_name
 from ssps_jax.observe import say
 
-NAMES = {"simclr": "SimCLR", "dino": "DINO"}
-
 
 def _records(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -94,7 +92,9 @@ def run(data: str | Path, workdir: str | Path, config: ml_collections.ConfigDict
     """Runs (or resumes) every stage; prints and returns the table; writes comparison.png.
 
     `oracle`: also the oracle-sampling continuation (`make demo`; demo-methods leaves it out)."""
-    from ssps_jax.train import train  # imports JAX: not needed to read this module
+    from ssps_jax import methods  # imports JAX: not needed to read this module
+    from ssps_jax.ssps.samplers import oracle as oracle_sampler
+    from ssps_jax.train import train
 
     data, workdir = Path(data), Path(workdir)
     if not (data / corpus.TRAIN_CSV).is_file():
@@ -106,7 +106,7 @@ def run(data: str | Path, workdir: str | Path, config: ml_collections.ConfigDict
     if not config.ssps.enabled:
         raise ValueError("the demo compares a run with SSPS and one without: its config needs ssps.enabled")
     start, epochs = config.ssps.start_epoch, config.train.epochs
-    name = NAMES.get(config.method, config.method)
+    name = methods.get(config.method).title
 
     base = config.copy_and_resolve_references()
     base.train.stop_at_epoch = start  # schedules still span train.epochs, so the continuations pick them up
@@ -127,7 +127,7 @@ def run(data: str | Path, workdir: str | Path, config: ml_collections.ConfigDict
 
     if oracle:
         diagnostic = ssps.copy_and_resolve_references()
-        diagnostic.ssps.sampling = "oracle"
+        diagnostic.ssps.sampling = oracle_sampler.SAMPLER.name
         say(f"== 4 continued with oracle positives (by labels; a diagnostic) to epoch {epochs}: {workdir / 'oracle'}")
         train(diagnostic, _branch(workdir / "baseline", workdir / "oracle"))
 

@@ -28,24 +28,24 @@ from ssps_jax.observe import say
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# Each method's demo config: SSPS enabled, so that demo.run trains it with and without; none for supervised.
-DEMOS = {
-    "simclr": "demo_ssps.py",
-    "dino": "demo_dino_ssps.py",
-    "vicreg": "demo_vicreg_ssps.py",
-    "moco": "demo_moco_ssps.py",
-    "swav": "demo_swav_ssps.py",
-    "supervised": "demo_supervised.py",
-}
+
+def demos() -> dict[str, str]:
+    """Each registered method's demo config (`Method.demo_config`), in registry order: SSPS enabled, so that
+    demo.run trains it with and without, unless the method trains on labels."""
+    from ssps_jax import methods  # imports JAX: not needed to read this module
+
+    return {name: m.demo_config for name, m in methods.REGISTRY.items() if m.demo_config}
 
 
-def run(data: str | Path, workdir: str | Path, names: list[str]) -> dict:
-    """Runs (or resumes) each named method's demo, then prints and returns the table."""
+def run(data: str | Path, workdir: str | Path, names: list[str] | None = None) -> dict:
+    """Runs (or resumes) each named method's demo (default: every one), then prints and returns the table."""
     from ssps_jax.train import train  # imports JAX: not needed to read this module
 
-    unknown = [n for n in names if n not in DEMOS]
+    configs = demos()
+    names = list(configs) if names is None else names
+    unknown = [n for n in names if n not in configs]
     if unknown:
-        raise UsageError(f"--methods: unknown {', '.join(unknown)}; one or more of {', '.join(DEMOS)}")
+        raise UsageError(f"--methods: unknown {', '.join(unknown)}; one or more of {', '.join(configs)}")
     data, workdir = Path(data), Path(workdir)
     if not (data / corpus.TRAIN_CSV).is_file():
         say(f"writing the demo corpus to {data} ...")
@@ -53,8 +53,8 @@ def run(data: str | Path, workdir: str | Path, names: list[str]) -> dict:
     trials = trial_list_name(corpus.TRIALS)
     rows = {}
     for name in names:
-        config = load_config_file(CONFIGS / DEMOS[name])
-        say(f"==== {name}: {CONFIGS / DEMOS[name]}")
+        config = load_config_file(CONFIGS / configs[name])
+        say(f"==== {name}: {CONFIGS / configs[name]}")
         started = time.perf_counter()
         if config.ssps.enabled:
             _, _, fair, ssps = demo.run(data, workdir / name, config)["runs"].values()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
+from etils import epath
 
 from data_pipelines.errors import InputError
 from ssps_jax.config_overrides import UsageError
@@ -25,13 +24,13 @@ def evaluate(workdir: str, trials: list[str] | None = None, base_dir: str | None
         raise InputError("no trial list: pass --trials or set eval.trials in the config")
     given = trials or load_config(workdir).eval.trials  # as written, to say what a missing path was relative to
     for name, path in zip(given, config.eval.trials):
-        if not Path(path).is_file():
+        if not epath.Path(path).is_file():
             origin = f" ({name!r} relative to data.base_dir)" if path != name else ""
             raise UsageError(f"--trials: file not found: {path}{origin}")
     trained = TrainedModel.from_workdir(workdir, step, config=config)
     evaluator = make_trial_evaluator(config, trained.model, trained.mesh)
     results, scores = evaluator.evaluate(trained.variables)
-    out = Path(workdir) / "eval" / f"step_{trained.step}"
+    out = epath.Path(workdir) / "eval" / f"step_{trained.step}"
     if jax.process_index() == 0:
         evaluator.write(out, results, scores, {"step": trained.step})
     for line in summary_lines(results):

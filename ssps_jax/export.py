@@ -11,8 +11,9 @@ The exported function, in both formats:
 It is the model's `embed` (DINO: the teacher's variables) with the checkpoint's
 variables baked in as constants, then L2-normalised: the embedding evaluation
 and `Verifier.embed` compute, up to float32 rounding. Beside every artefact
-`export` writes `<stem>.json`: workdir, checkpoint step, model config, sample
-rate, input shapes, output dim (so give the two formats different stems).
+`export` writes `<artefact>.json` (`encoder.onnx.json`, `encoder.stablehlo.json`:
+exports into one folder never overwrite each other's): workdir, checkpoint
+step, model config, sample rate, input shapes, output dim. It prints both paths.
 
 StableHLO (`jax.export`, `.stablehlo`): B and L are both symbolic, so one
 artefact takes any batch of any length; `load_stablehlo` (or
@@ -53,18 +54,20 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax import lax
 from jax.extend import core as jex_core
 
 from data_pipelines import audio_io
 from data_pipelines.errors import InputError
+from data_pipelines.paths import is_remote
 from ssps_jax.evaluation.verification import MIN_SECONDS
 from ssps_jax.inference import TrainedModel
+from ssps_jax.observe import say
 
 SAMPLE_RATE = audio_io.SAMPLE_RATE
 FORMATS = ("onnx", "stablehlo")
@@ -90,8 +93,8 @@ def embedding_function(trained: TrainedModel) -> Callable[[jax.Array, jax.Array]
 # ---------------------------------------------------------------------------------------------------- StableHLO
 
 
-def export_stablehlo(trained: TrainedModel, out: str | Path, max_seconds: float | None = None) -> Path:
-    """Writes `out` (serialized jax.export.Exported) and its `.json`; returns `out`.
+def export_stablehlo(trained: TrainedModel, out: epath.PathLike, max_seconds: float | None = None) -> epath.Path:
+    """Writes `out` (serialized jax.export.Exported) and `<out>.json`; returns `out`.
 
     B and L are symbolic; `max_seconds` fixes L to round(max_seconds * 16000) instead.
     """
@@ -110,7 +113,7 @@ def export_stablehlo(trained: TrainedModel, out: str | Path, max_seconds: float 
     return out
 
 
-def load_stablehlo(path: str | Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def load_stablehlo(path: epath.PathLike) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The function `export_stablehlo` wrote: (wave, lengths) -> (B, D) float32 embeddings (numpy)."""
     path = _existing(path)
     try:
@@ -131,8 +134,8 @@ def load_stablehlo(path: str | Path) -> Callable[[np.ndarray, np.ndarray], np.nd
 # --------------------------------------------------------------------------------------------------------- ONNX
 
 
-def export_onnx(trained: TrainedModel, out: str | Path, max_seconds: float = 20.0) -> Path:
-    """Writes `out` (ONNX, opset 23; inputs "wave" (B, L), "lengths" (B,); output "embedding") and its `.json`.
+def export_onnx(trained: TrainedModel, out: epath.PathLike, max_seconds: float = 20.0) -> epath.Path:
+    """Writes `out` (ONNX, opset 23; inputs "wave" (B, L), "lengths" (B,); output "embedding") and `<out>.json`.
 
     B is symbolic, L = round(max_seconds * 16000): pad shorter recordings, crop longer ones. It computes
     in float32, also for a model trained with model.dtype bfloat16 (the JSON's model.dtype says so).
@@ -143,7 +146,6 @@ def export_onnx(trained: TrainedModel, out: str | Path, max_seconds: float = 20.
     embedding = embedding_function(trained)
     dim = jax.eval_shape(embedding, *_input_structs(1, length)).shape[-1]
     with _quiet_jax2onnx():
-        import onnx
         from jax2onnx import to_onnx
 
         proto = to_onnx(
@@ -156,12 +158,12 @@ def export_onnx(trained: TrainedModel, out: str | Path, max_seconds: float = 20.
     # jax2onnx annotates some intermediate values with wrong shapes (e.g. a transposed (B, C, T) as (B, T, C));
     # onnxruntime warns and ignores them. The inputs' and outputs' types are all a runtime needs: it infers the rest.
     del proto.graph.value_info[:]
-    onnx.save_model(proto, str(out))  # < 2 GB for every encoder here: one self-contained file
+    out.write_bytes(proto.SerializeToString())  # < 2 GB for every encoder here: one self-contained file (or object)
     _write_metadata(trained, out, "onnx", length, dim)
     return out
 
 
-def load_onnx(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)):
+def load_onnx(path: epath.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)):
     """The model `export_onnx` wrote, in onnxruntime: (wave, lengths) -> (B, D) float32 embeddings."""
     path = _existing(path)
     try:
@@ -169,7 +171,7 @@ def load_onnx(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvide
     except ImportError as e:
         raise InputError(f"running an ONNX export here needs onnxruntime (the export extra): {e}") from e
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=list(providers))
+        session = onnxruntime.InferenceSession(path.read_bytes(), providers=list(providers))
     except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
         raise InputError(f"{path}: onnxruntime cannot load it ({e})") from e
 
@@ -301,7 +303,7 @@ def _evaluate(jaxpr, consts, args):
 # ---------------------------------------------------------------------------------------------------- Shared
 
 
-def export(trained: TrainedModel, out: str | Path, fmt: str, max_seconds: float | None = None) -> Path:
+def export(trained: TrainedModel, out: epath.PathLike, fmt: str, max_seconds: float | None = None) -> epath.Path:
     """`export_onnx` or `export_stablehlo` by name; max_seconds None: each format's default."""
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -310,32 +312,31 @@ def export(trained: TrainedModel, out: str | Path, fmt: str, max_seconds: float 
     return export_stablehlo(trained, out, max_seconds)
 
 
-def metadata_path(artefact: str | Path) -> Path:
-    """The JSON written beside an exported artefact."""
-    return Path(artefact).with_suffix(".json")
+def metadata_path(artefact: epath.PathLike) -> epath.Path:
+    """The JSON written beside an exported artefact: its name + `.json` (one per artefact, whatever its format)."""
+    artefact = epath.Path(artefact)
+    return artefact.with_name(artefact.name + ".json")
 
 
 def _input_structs(batch, length) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
     return jax.ShapeDtypeStruct((batch, length), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32)
 
 
-def _destination(out: str | Path, fmt: str) -> Path:
-    out = Path(out)
-    if not out.parent.is_dir():
+def _destination(out: epath.PathLike, fmt: str) -> epath.Path:
+    out = epath.Path(out)
+    if not is_remote(out) and not out.parent.is_dir():  # an object store has no folders to check
         raise InputError(f"cannot write {out}: folder {out.parent} does not exist")
-    if out.suffix == ".json":
-        raise InputError(f"cannot write {out}: .json is the name of the metadata beside it; use {SUFFIXES[fmt]}")
     return out
 
 
-def _existing(path: str | Path) -> Path:
-    path = Path(path)
+def _existing(path: epath.PathLike) -> epath.Path:
+    path = epath.Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such exported model")
     return path
 
 
-def _checked(path: Path, wave, lengths, fixed: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _checked(path: epath.Path, wave, lengths, fixed: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(wave, lengths) as the exported function takes them, or an InputError naming the bad shape or row.
 
     The graph cannot refuse them itself: a length past its row, or under the shortest recording the model
@@ -371,7 +372,7 @@ def _fixed_length(max_seconds: float) -> int:
     return round(max_seconds * SAMPLE_RATE)
 
 
-def _write_metadata(trained: TrainedModel, out: Path, fmt: str, length: int | None, dim: int, **extra) -> None:
+def _write_metadata(trained: TrainedModel, out: epath.Path, fmt: str, length: int | None, dim: int, **extra) -> None:
     model = trained.config.model
     encoder = model.encoder
     meta = {
@@ -398,3 +399,8 @@ def _write_metadata(trained: TrainedModel, out: Path, fmt: str, length: int | No
         **extra,
     }
     metadata_path(out).write_text(json.dumps(meta, indent=2) + "\n")
+    shape = f"(B, {'L' if length is None else length})"
+    say(
+        f"wrote {out} ({fmt}: wave {shape} float32, lengths (B,) int32 -> embedding (B, {int(dim)}); "
+        f"{trained.workdir} step {trained.step}) and its description {metadata_path(out)}"
+    )

@@ -20,17 +20,16 @@ import collections
 import csv
 import hashlib
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 
 from data_pipelines import audio_io
 from data_pipelines.errors import InputError
-from data_pipelines.manifests import read_trials
+from data_pipelines.manifests import csv_text, read_trials
+from data_pipelines.paths import absolute, is_remote
 from data_pipelines.staging import duration
 from ssps_jax.evaluation.embedding import l2_normalise
 from ssps_jax.evaluation.verification import MIN_SECONDS, audio_lengths
@@ -41,20 +40,19 @@ PART_FILES = 10000
 _KEY = "source.json"  # in the parts folder: what its parts were made from
 
 
-def read_file_list(path: str | Path, trials: bool = False) -> list[str]:
+def read_file_list(path: epath.PathLike, trials: bool = False) -> list[str]:
     """The files of a train/test CSV (its `File` column), of a VoxCeleb-format trial list (`trials`: its enrol and
     test files, in order of first appearance) or of a text list (one path per line; blank and # lines skipped)."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file list not found")
     if trials:
         files = list(dict.fromkeys(f for t in read_trials(path) for f in (t.enrol, t.test)))
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if "File" not in (reader.fieldnames or []):
-                raise InputError(f"{path}: no File column (columns: {', '.join(reader.fieldnames or [])})")
-            files = [row["File"] for row in reader]
+        reader = csv.DictReader(csv_text(path))
+        if "File" not in (reader.fieldnames or []):
+            raise InputError(f"{path}: no File column (columns: {', '.join(reader.fieldnames or [])})")
+        files = [row["File"] for row in reader]
     else:
         files = [line.strip() for line in path.read_text().splitlines()]
         files = [f for f in files if f and not f.startswith("#")]
@@ -66,29 +64,29 @@ def read_file_list(path: str | Path, trials: bool = False) -> list[str]:
 
 
 def extract(
-    workdir: str | Path,
+    workdir: epath.PathLike,
     files: list[str],
-    out: str | Path,
-    base_dir: str | Path | None = None,
+    out: epath.PathLike,
+    base_dir: epath.PathLike | None = None,
     step: int | None = None,
     part_files: int = PART_FILES,
     read_threads: int = 8,
-) -> Path:
+) -> epath.Path:
     """Embeds `files` with checkpoint `step` of `workdir` (default the newest); writes `out`.
 
     Relative files are under `base_dir`, by default the folder evaluation reads (eval.base_dir or data.base_dir).
     """
     config = inference_config(workdir)
-    out, base_dir = Path(out), Path(base_dir or config.eval.base_dir or config.data.base_dir)
-    if not out.parent.is_dir():
+    out, base_dir = epath.Path(out), epath.Path(base_dir or config.eval.base_dir or config.data.base_dir)
+    if not is_remote(out) and not out.parent.is_dir():  # an object store has no folders to check
         raise InputError(f"--out: folder {out.parent} does not exist")
-    paths = [base_dir / f for f in files]
-    if missing := [str(p) for p in paths if not p.is_file()]:  # fail before restoring or embedding anything
+    audio = [base_dir / f for f in files]
+    if missing := [str(p) for p in audio if not p.is_file()]:  # fail before restoring or embedding anything
         raise InputError(f"{len(missing)} of the {len(files)} listed files are missing, e.g. {missing[0]}")
     trained = TrainedModel.from_workdir(workdir, step, config=config)
     parts = out.with_name(out.name + ".parts")
     starts = list(range(0, len(files), part_files))
-    _claim(parts, {"workdir": str(Path(workdir).resolve()), "step": trained.step, "files": _digest(files)})
+    _claim(parts, {"workdir": str(absolute(workdir)), "step": trained.step, "files": _digest(files)})
     todo = [i for i in range(len(starts)) if not (parts / f"{i}.npy").is_file()]
     if len(todo) < len(starts):
         say(f"resuming {out}: {len(starts) - len(todo)} of {len(starts)} parts already embedded")
@@ -96,7 +94,7 @@ def extract(
     started, done = time.perf_counter(), 0
     total = sum(min(part_files, len(files) - starts[i]) for i in todo)
     for i in todo:
-        chunk = paths[starts[i] : starts[i] + part_files]
+        chunk = audio[starts[i] : starts[i] + part_files]
         emb = embedder.embed(
             trained.variables,
             audio_lengths(chunk, read_threads),
@@ -113,18 +111,17 @@ def extract(
             f"ETA {duration((total - done) / max(rate, 1e-9))}"
         )
     if jax.process_index() == 0:
-        embeddings = np.concatenate([np.load(parts / f"{i}.npy") for i in range(len(starts))])
+        embeddings = np.concatenate([_load(parts / f"{i}.npy") for i in range(len(starts))])
         tmp = out.with_name(out.name + ".tmp.npz")
-        np.savez(
-            tmp, embeddings=embeddings, ids=np.array(files), step=trained.step, workdir=str(Path(workdir).resolve())
-        )
-        os.replace(tmp, out)
-        shutil.rmtree(parts)
+        with tmp.open("wb") as f:
+            np.savez(f, embeddings=embeddings, ids=np.array(files), step=trained.step, workdir=str(absolute(workdir)))
+        tmp.replace(out)
+        parts.rmtree()
     say(f"{len(files)} embeddings (dim {trained.config.model.encoder_dim}, step {trained.step}) in {out}")
     return out
 
 
-def _claim(parts: Path, source: dict) -> None:
+def _claim(parts: epath.Path, source: dict) -> None:
     """Creates the parts folder, or checks that an existing one was made from the same model and list."""
     key = parts / _KEY
     if key.is_file():
@@ -144,7 +141,14 @@ def _digest(files: list[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
+def _save_atomic(path: epath.Path, array: np.ndarray) -> None:
+    """Written under a temporary name, then renamed: a part that exists is whole (on gs://, objects appear whole)."""
     tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with tmp.open("wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def _load(path: epath.Path) -> np.ndarray:
+    with path.open("rb") as f:
+        return np.load(f)

@@ -68,10 +68,14 @@ def tpu_chips_attached() -> bool:
     return bool(chips) and importlib.util.find_spec("libtpu") is not None
 
 
-# libtpu on a host without TPU chips (installed by `make test` for ahead-of-time compilation): no metadata
-# server to ask, no TPU VM's worker list, no lock on chips that are not there. Without these it probes the
-# network and prints a screen of warnings whenever JAX starts. Set before libtpu loads; values already in
-# the environment win.
+# libtpu on a host without TPU chips (installed by `make venv` for ahead-of-time compilation): no metadata
+# server to ask, no TPU VM's worker list, no lock on chips that are not there. When JAX starts its backends
+# it always tries the TPU one (priority 300, failing quietly); libtpu then reads the worker list and the
+# accelerator type from the environment or the metadata server, and without either prints "could not
+# determine TPU accelerator type" and "E0000 ... unexpected worker hostname" before it finds no chips. With
+# these it starts quietly and JAX falls back to the CPU or GPU; `ssps-jax compile` loads libtpu for its
+# topologies alike. Set before libtpu loads (ssps_jax/__init__.py: on import); values already in the
+# environment win.
 LIBTPU_OFF_TPU_ENV = {
     "TPU_SKIP_MDS_QUERY": "1",
     "TPU_WORKER_HOSTNAMES": "localhost",

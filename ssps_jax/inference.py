@@ -25,12 +25,13 @@ mono, resampled and downmixed when needed).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import flax.linen as nn
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from data_pipelines import audio_io
@@ -42,7 +43,7 @@ from ssps_jax.methods.base import Method
 
 
 def inference_config(
-    workdir: str | Path, trials: Sequence[str] | None = None, base_dir: str | None = None
+    workdir: epath.PathLike, trials: Sequence[str] | None = None, base_dir: str | None = None
 ) -> ml_collections.ConfigDict:
     """The config `workdir` was trained with, ready to evaluate: eval keys it predates backfilled, paths resolved.
 
@@ -69,7 +70,7 @@ def inference_config(
 class TrainedModel:
     """A workdir's model and the variables it embeds with, on `mesh` (replicated)."""
 
-    workdir: Path
+    workdir: epath.Path
     step: int  # the checkpoint restored
     config: ml_collections.ConfigDict  # paths resolved
     mesh: Mesh
@@ -80,7 +81,7 @@ class TrainedModel:
     @classmethod
     def from_workdir(
         cls,
-        workdir: str | Path,
+        workdir: epath.PathLike,
         step: int | None = None,
         *,
         config: ml_collections.ConfigDict | None = None,
@@ -94,12 +95,12 @@ class TrainedModel:
         config = inference_config(workdir) if config is None else config
         mesh = sharding.make_mesh() if mesh is None else mesh
         method, model, state = build_for_inference(config, mesh)
-        ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
-        try:
-            step, state, _ = ckpt.restore_for_use(state, step)
+        ckpt = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", read_only=True)
+        try:  # a checkpoint of another model than `config`'s is refused (CheckpointMismatchError), nothing restored
+            step, state, _ = ckpt.restore_for_use(state, step, config)
         finally:
             ckpt.close()
-        return cls(Path(workdir), int(step), config, mesh, method, model, method.eval_variables(state))
+        return cls(epath.Path(workdir), int(step), config, mesh, method, model, method.eval_variables(state))
 
     def embed_fn(self) -> Callable:
         """(variables, wave (B, L), lengths (B,)) -> (B, D) raw embeddings: the function evaluation compiles."""
@@ -117,7 +118,7 @@ class TrainedModel:
         )
 
 
-Audio = str | Path | np.ndarray  # a file (any format `prepare` reads) or a 16 kHz mono waveform (int16 or float)
+Audio = str | os.PathLike | np.ndarray  # a file (any format `prepare` reads) or a 16 kHz mono waveform (int16 or float)
 
 
 class Verifier:
@@ -132,14 +133,14 @@ class Verifier:
         self.normalisations = score_norms(trained.config.eval.score_norm) if cohort is not None else ()
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, step: int | None = None, *, normalise: bool = True) -> Verifier:
+    def from_workdir(cls, workdir: epath.PathLike, step: int | None = None, *, normalise: bool = True) -> Verifier:
         """The model of `workdir` (checkpoint `step`, default the newest); with `normalise` and eval.score_norm
         set, the cohort evaluation draws (eval.cohort_size utterances of data.train_csv) for normalised scores."""
         trained = TrainedModel.from_workdir(workdir, step)
         e, data = trained.config.eval, trained.config.data
         cohort = None
         if normalise and score_norms(e.score_norm):
-            if not Path(data.train_csv).is_file():
+            if not epath.Path(data.train_csv).is_file():
                 raise InputError(
                     f"eval.score_norm is {e.score_norm!r}, but the cohort's train CSV {data.train_csv} is not here: "
                     "pass normalise=False (cosine scores only)"
@@ -153,7 +154,7 @@ class Verifier:
 
     def embed(self, audio: Audio | Sequence[Audio]) -> np.ndarray:
         """L2-normalised float32 embeddings: (D,) for one recording, (N, D) for a list."""
-        one = isinstance(audio, (str, Path)) or (isinstance(audio, np.ndarray) and audio.ndim == 1)
+        one = isinstance(audio, (str, os.PathLike)) or (isinstance(audio, np.ndarray) and audio.ndim == 1)
         waves = [_waveform(a) for a in ([audio] if one else audio)]
         emb = l2_normalise(self._embedder(self.trained.variables, waves)).astype(np.float32)
         return emb[0] if one else emb
@@ -188,8 +189,40 @@ class Verifier:
         return self._cohort_embeddings
 
 
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A decision threshold on one kind of score (accept: score >= value), and where it came from."""
+
+    value: float
+    kind: str  # "cosine", "s-norm", "as-norm"
+    source: str
+
+    def decide(self, score: float) -> str:
+        return "same" if score >= self.value else "different"
+
+
+def stored_threshold(workdir: epath.PathLike, kind: str, step: int) -> Threshold | None:
+    """The EER threshold of `kind` scores that an evaluation stored in `workdir`: that of checkpoint `step`'s
+    evaluation, else of the newest one; of its first trial list. None when no evaluation stored one."""
+    import json
+
+    found = epath.Path(workdir).glob("eval/step_*/metrics.json")
+    evaluations = {int(p.parent.name.removeprefix("step_")): p for p in found}
+    if not evaluations:
+        return None
+    at = step if step in evaluations else max(evaluations)
+    path = evaluations[at]
+    results = json.loads(path.read_text()).get("results", {})
+    for name, r in results.items():  # the first list the evaluation ran (eval.trials' order)
+        value = r.get(kind, {}).get("eer_threshold")
+        if value is not None:
+            model = "" if at == step else f", not of the checkpoint scored (step {step})"
+            return Threshold(float(value), kind, f"the EER threshold of {name} at step {at}{model}, from {path}")
+    return None
+
+
 def _waveform(audio: Audio) -> np.ndarray:
-    if isinstance(audio, (str, Path)):
+    if isinstance(audio, (str, os.PathLike)):
         return audio_io.read_audio(audio, min_seconds=MIN_SECONDS).samples
     wave = np.asarray(audio)
     if wave.ndim != 1 or wave.size < MIN_SECONDS * audio_io.SAMPLE_RATE:

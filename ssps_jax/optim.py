@@ -8,6 +8,52 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine", "warmup_cosine", "constant")
+
+
+def default_config() -> dict:
+    """`config.optim`: sslsv's Adam, lr 1e-3 x 0.95 every 5 epochs, no weight decay."""
+    return {
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "schedule": "step",  # sslsv's default: x decay_rate every decay_every_epochs
+        "decay_rate": 0.95,
+        "decay_every_epochs": 5,
+        "min_learning_rate": 1e-5,  # cosine schedules
+        # From this epoch on, the schedule as if it had started from learning_rate x lr_scale (0: never):
+        # e.g. a gentler rate once SSPS starts (docs/demo_findings.md). The fair baseline needs the same.
+        "lr_scale_from_epoch": 0,
+        "lr_scale": 1.0,
+        "warmup_epochs": 10,  # warmup_cosine
+        "weight_decay": 0.0,  # L2 added to the gradient, like torch's Adam/SGD weight_decay
+        "momentum": 0.9,  # sgd
+        "clip_grad_norm": 0.0,  # 0: off
+        "clip_grad_per_param": 0.0,  # DINO: each tensor's gradient norm <= this; 0: off
+        "decay_biases_and_norms": True,  # False: weight decay on weights (ndim > 1) only
+    }
+
+
+def validate(o: ml_collections.ConfigDict, fail) -> None:
+    """Checks `config.optim`; `fail(key, message)` raises."""
+    for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if o[key] not in choices:
+            fail(f"optim.{key}", f"must be one of {choices}, got {o[key]!r}")
+    if o.learning_rate <= 0:
+        fail("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    if not o.lr_scale > 0:  # also NaN
+        fail("optim.lr_scale", f"must be > 0, got {o.lr_scale}")
+    for key in (
+        "weight_decay",
+        "clip_grad_norm",
+        "clip_grad_per_param",
+        "min_learning_rate",
+        "warmup_epochs",
+        "lr_scale_from_epoch",
+    ):
+        if o[key] < 0:
+            fail(f"optim.{key}", f"must be >= 0, got {o[key]}")
+
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     schedule = _schedule(optim, optim.learning_rate, steps_per_epoch, total_steps)

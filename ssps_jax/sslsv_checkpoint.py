@@ -39,16 +39,19 @@ import logging
 import math
 import pickle
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from data_pipelines import paths
 from data_pipelines.errors import InputError
 from ssps_jax import features
 from ssps_jax.build import build_for_inference
+from ssps_jax.checkpoint import likely_config_key
+from ssps_jax.methods.base import Method
 from ssps_jax.models.sslsv_names import sslsv_name, to_torch_layout
 from ssps_jax.train_state import seed_keys
 
@@ -59,16 +62,8 @@ WINDOW = "features_extractor.0.spectrogram.window"  # after "<encoder>."
 FILTERBANK = "features_extractor.0.mel_scale.fb"
 SSPS_PREFIX = "ssps."  # sslsv's SSPS queues (model_latest.pt of an SSPS run)
 
-# Method-state entries that are a copy of the model's variables (momentum networks), and the sslsv names of
-# their top-level modules.
-_MOMENTUM = {
-    "dino": ("teacher", {"encoder": "encoder_momentum", "head": "head_momentum"}),
-    "moco": ("momentum", {"encoder": "encoder_momentum", "projector": "projector_momentum"}),
-}
-# Method-state arrays that sslsv holds as a buffer of another shape: entry -> key.
-_BUFFERS = {"dino": {"center": "loss_fn.center"}}
-# sslsv buffers of method state we start fresh (its layout and position are sslsv's own).
-_NOT_IMPORTED = {"moco": ("queue", "queue_ptr", "queue_labels", "queue_labels_ptr"), "swav": ("queue",)}
+# What each method holds beside the model under sslsv's names (its momentum network, buffers, the buffers an
+# import leaves out, the config fields that size its modules) is the method object's: Method.sslsv_* .
 # Front-end values written by other libraries (librosa's filterbank vs torchaudio's) differ by ~3e-6.
 _FRONT_END_ATOL = 1e-4
 
@@ -96,13 +91,13 @@ class _Slot:
     from_torch: Callable[[np.ndarray], np.ndarray]
 
 
-def _layout(method: str, tree: dict) -> dict[str, _Slot]:
+def _layout(method: Method, tree: dict) -> dict[str, _Slot]:
     """sslsv key -> _Slot for every array of `tree` ({"params", "batch_stats", **method_state}) sslsv holds.
 
     Method-state entries sslsv does not hold (MoCo's queue) are left out.
     """
-    momentum, renames = _MOMENTUM.get(method, (None, {}))
-    buffers = _BUFFERS.get(method, {})
+    momentum, renames = method.sslsv_momentum or (None, {})
+    buffers = method.sslsv_buffers
     out = {}
     for where, value in traverse_util.flatten_dict(tree).items():
         shape = tuple(np.shape(value))
@@ -126,13 +121,13 @@ def _layout(method: str, tree: dict) -> dict[str, _Slot]:
     return out
 
 
-def _encoders(method: str) -> list[str]:
+def _encoders(method: Method) -> list[str]:
     """The sslsv prefixes of the method's encoders (each has its own front end)."""
-    _, renames = _MOMENTUM.get(method, (None, {}))
+    _, renames = method.sslsv_momentum or (None, {})
     return ["encoder", *([renames["encoder"]] if "encoder" in renames else [])]
 
 
-def _constants(method: str, layout: dict[str, _Slot], mel: features.LogMelConfig) -> dict[str, np.ndarray]:
+def _constants(method: Method, layout: dict[str, _Slot], mel: features.LogMelConfig) -> dict[str, np.ndarray]:
     """What sslsv's state_dict holds beside our variables: front ends, weight_g, BatchNorm counters."""
     out = {}
     window, filterbank = torchaudio_window(mel), torchaudio_filterbank(mel)
@@ -180,17 +175,18 @@ def torchaudio_filterbank(mel: features.LogMelConfig) -> np.ndarray:
 # --- import -----------------------------------------------------------------------------------------------------
 
 
-def load_sslsv(checkpoint: Path) -> tuple[dict[str, np.ndarray], dict]:
+def load_sslsv(checkpoint: epath.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """(state_dict as float/int NumPy arrays, the other entries of the file) of an sslsv checkpoint.
 
     Accepts sslsv's {"model": state_dict, "epoch", ...} and a bare state_dict.
     """
     torch = _torch()
-    checkpoint = Path(checkpoint)
+    checkpoint = epath.Path(checkpoint)
     if not checkpoint.is_file():
         raise InputError(f"sslsv checkpoint {checkpoint} not found")
     try:
-        data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with paths.readable(checkpoint) as source:
+            data = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "safe_globals" not in str(error):  # torch's advice when the file holds classes it does not allow
             raise InputError(f"{checkpoint} is not a PyTorch checkpoint: {_first_line(error)}") from error
@@ -210,7 +206,7 @@ def load_sslsv(checkpoint: Path) -> tuple[dict[str, np.ndarray], dict]:
     return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}, extras
 
 
-def import_sslsv(checkpoint: Path, config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def import_sslsv(checkpoint: epath.PathLike, config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
     """Makes `workdir` a workdir of `config` holding the weights of the sslsv checkpoint `checkpoint` (step 0).
 
     Every params / batch_stats array of the config's model comes from its sslsv key (shape checked); DINO's
@@ -230,7 +226,7 @@ def import_sslsv(checkpoint: Path, config: ml_collections.ConfigDict, workdir: P
     from ssps_jax.observe import say
     from ssps_jax.train import save_config
 
-    checkpoint, workdir = Path(checkpoint), Path(workdir)
+    checkpoint, workdir = epath.Path(checkpoint), epath.Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise InputError(f"{ckpt_dir} already holds checkpoints: import into a new workdir")
@@ -241,11 +237,11 @@ def import_sslsv(checkpoint: Path, config: ml_collections.ConfigDict, workdir: P
     # Checked against the state's shapes: nothing is compiled, nothing allocated before the file is accepted.
     method, _, like = build_for_inference(config, mesh, abstract=True)
     shapes = _tree(like)
-    layout = _layout(config.method, shapes)
-    constants = _constants(config.method, layout, features.LogMelConfig(**config.model.mel))
+    layout = _layout(method, shapes)
+    constants = _constants(method, layout, features.LogMelConfig(**config.model.mel))
     skipped = {
         "ssps": sorted(k for k in state_dict if k.startswith(SSPS_PREFIX)),
-        "method buffers": sorted(k for k in _NOT_IMPORTED.get(config.method, ()) if k in state_dict),
+        "method buffers": sorted(k for k in method.sslsv_not_imported if k in state_dict),
     }
     _check_keys(checkpoint, state_dict, set(layout) | set(constants), {k for v in skipped.values() for k in v}, config)
     _check_constants(checkpoint, state_dict, constants, config.model.mel.window)
@@ -319,7 +315,7 @@ def _tree(state) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats, **(state.method_state or {})}
 
 
-def _check_keys(checkpoint: Path, state_dict: dict, expected: set, ignorable: set, config) -> None:
+def _check_keys(checkpoint: epath.Path, state_dict: dict, expected: set, ignorable: set, config) -> None:
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - expected - ignorable)
     if missing or unexpected:
@@ -331,19 +327,19 @@ def _check_keys(checkpoint: Path, state_dict: dict, expected: set, ignorable: se
         )
 
 
-def _check_shapes(checkpoint: Path, state_dict: dict, layout: dict[str, _Slot], config) -> None:
+def _check_shapes(checkpoint: epath.Path, state_dict: dict, layout: dict[str, _Slot], config) -> None:
     wrong = sorted(key for key, slot in layout.items() if state_dict[key].shape != slot.shape)
     if wrong:
         shown = "; ".join(
             f"{key} is {state_dict[key].shape}, the config's model needs {layout[key].shape} "
-            f"({_likely_field(key, config)} probably differs)"
+            f"({likely_config_key(layout[key].where, config)} probably differs)"
             for key in wrong[:3]
         )
         more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         raise InputError(f"{checkpoint}: {len(wrong)} array(s) of another shape than the config's: {shown}{more}")
 
 
-def _check_constants(checkpoint: Path, state_dict: dict, constants: dict, window: str) -> None:
+def _check_constants(checkpoint: epath.Path, state_dict: dict, constants: dict, window: str) -> None:
     """The front ends are the config's; every weight_g is 1 (sslsv fixes it; our layer has no g)."""
     for key, want in constants.items():
         got = state_dict[key]
@@ -369,28 +365,6 @@ def _check_constants(checkpoint: Path, state_dict: dict, constants: dict, window
                 )
 
 
-def _likely_field(key: str, config) -> str:
-    """The config field that most probably sets the size of sslsv tensor `key`."""
-    top, _, rest = key.partition(".")
-    if top.startswith("projector"):
-        return f"{config.method}.projector_hidden_dim / projector_output_dim"
-    if top.startswith("head") or top == "loss_fn":
-        return "dino.head_hidden_dim / head_bottleneck_dim / head_output_dim"
-    if top == "prototypes":
-        return "swav.prototypes"
-    if rest.startswith("fc."):
-        return "model.encoder_dim"
-    if config.model.encoder == "resnet34":
-        return "model.resnet34.base_dim / layers (or model.mel.n_mels)"
-    if ".se_block." in key:
-        return "model.ecapa_tdnn.se_channels"
-    if rest.startswith("asp.tdnn") and key.endswith(("weight", "bias", "running_mean", "running_var")):
-        return "model.ecapa_tdnn.attention_channels / channels"
-    if rest.startswith("blocks.0."):
-        return "model.mel.n_mels / model.ecapa_tdnn.channels"
-    return "model.ecapa_tdnn.channels"
-
-
 def _placed(value, like) -> jax.Array:
     """`value` (host or device) as a global array of `like`'s shape and sharding (same value on every process)."""
     host = np.asarray(value, like.dtype)
@@ -400,7 +374,7 @@ def _placed(value, like) -> jax.Array:
 # --- export -----------------------------------------------------------------------------------------------------
 
 
-def export_sslsv(source, out: Path, step: int | None = None) -> Path:
+def export_sslsv(source, out: epath.PathLike, step: int | None = None) -> epath.Path:
     """Writes the model of `source` as an sslsv checkpoint `out`: torch.save({"model": state_dict, "epoch"}).
 
     `source`: a workdir (checkpoint `step`, default the newest) or a TrainedModel (its workdir and step).
@@ -419,25 +393,26 @@ def export_sslsv(source, out: Path, step: int | None = None) -> Path:
     if isinstance(source, TrainedModel):
         workdir, step, config = source.workdir, source.step, source.config
     else:
-        workdir, config = Path(source), inference_config(source)
+        workdir, config = epath.Path(source), inference_config(source)
     # Restored into zeros of the state's layout: no model compiled.
-    _, _, like = build_for_inference(config, sharding.make_mesh(), abstract=True)
+    method, _, like = build_for_inference(config, sharding.make_mesh(), abstract=True)
     state = jax.tree.map(lambda x: _placed(np.zeros(x.shape, x.dtype), x), like)
-    ckpt = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints")
+    ckpt = checkpoint_lib.Checkpointer(epath.Path(workdir) / "checkpoints", read_only=True)
     try:
-        step, state, meta = ckpt.restore_for_use(state, step)
+        step, state, meta = ckpt.restore_for_use(state, step, config)
     finally:
         ckpt.close()
 
     tree = _tree(state)
     flat = traverse_util.flatten_dict(tree)
-    layout = _layout(config.method, tree)
+    layout = _layout(method, tree)
     arrays = {key: slot.to_torch(np.asarray(flat[slot.where])) for key, slot in layout.items()}
-    arrays.update(_constants(config.method, layout, features.LogMelConfig(**config.model.mel)))
+    arrays.update(_constants(method, layout, features.LogMelConfig(**config.model.mel)))
     state_dict = {key: torch.from_numpy(np.array(value, order="C")) for key, value in sorted(arrays.items())}
-    out = Path(out)
+    out = epath.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state_dict, "epoch": int(meta.get("epoch", 0))}, out)
+    with out.open("wb") as f:  # torch writes a file object: a gs:// path too
+        torch.save({"model": state_dict, "epoch": int(meta.get("epoch", 0))}, f)
     left_out = sorted(set(state.method_state or {}) - {slot.where[0] for slot in layout.values()})
     say(f"wrote {out}: {len(state_dict)} tensors of {workdir} step {step} in sslsv's layout")
     if left_out:
@@ -459,9 +434,10 @@ def _torch():
     return torch
 
 
-def _full_load(torch, checkpoint: Path):
+def _full_load(torch, checkpoint: epath.Path):
     try:
-        return torch.load(checkpoint, map_location="cpu", weights_only=False)
+        with paths.readable(checkpoint) as source:
+            return torch.load(source, map_location="cpu", weights_only=False)
     except Exception as error:
         raise InputError(f"{checkpoint} cannot be read: {_first_line(error)}") from error
 

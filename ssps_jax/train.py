@@ -20,18 +20,19 @@ import json
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import ml_collections
+from etils import epath
 from jax.experimental import multihost_utils
 
 from data_pipelines import input_pipeline
-from ssps_jax import checkpoint, methods, sharding
+from ssps_jax import checkpoint, methods, preemption, sharding
 from ssps_jax import config as config_lib
 from ssps_jax.build import build
 from ssps_jax.evaluation import verification
-from ssps_jax.observe import MetricWriter, Progress, say
+from ssps_jax.input_wait import InputWait
+from ssps_jax.observe import MetricWriter, Progress, duration, say
 from ssps_jax.train_state import TrainState
 
 
@@ -49,7 +50,7 @@ def _load_source(config: ml_collections.ConfigDict):
     return source if jax.process_index() == 0 else input_pipeline.load_source(config.data)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """Writes <workdir>/config.json (process 0), keeping a different earlier one as config.json.previous."""
     if jax.process_index() != 0:
         return
@@ -57,13 +58,13 @@ def save_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     if path.exists() and path.read_text() != text:
         say(f"note: the config differs from the one {workdir} was started with; the old one is config.json.previous")
-        path.rename(workdir / "config.json.previous")
+        path.replace(workdir / "config.json.previous")
     path.write_text(text)
 
 
 def train(
     config: ml_collections.ConfigDict,
-    workdir: str | Path,
+    workdir: epath.PathLike,
     on_step: Callable[[int, TrainState], None] | None = None,
 ) -> dict:
     """Trains or resumes; returns the last evaluation's results ({} if none ran).
@@ -71,13 +72,17 @@ def train(
     `on_step(steps_done, state)` is called after each step is dispatched (tests
     use it to look at the state, or to interrupt a run).
     """
-    workdir = Path(workdir)
+    began = time.perf_counter()
+    workdir = epath.Path(workdir)
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size)
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)  # as written: `evaluate` resolves it again, where it runs
-    config = config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
+    for line in config_lib.ineffective_settings(config):
+        say(f"warning: {line}")
+    written, config = config, config_lib.resolve_paths(config)  # relative data / eval paths under data.base_dir
 
+    # Everything that can refuse the run does so before the workdir is written: the config, then what needs
+    # the prepared data (prepared on first use, in its own folder): the SSPS sizes against the dataset's, the
+    # labels a method or the oracle needs (build), the test files' headers (the evaluator).
     source = _load_source(config)
     batch_size = config.train.global_batch_size
     # The index file's labels feed the SSPS diagnostics and the methods trained on them (supervised):
@@ -102,9 +107,16 @@ def train(
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", config.train.keep_checkpoints, config.train.async_checkpoints
     )
-    if (restored := ckpt.restore_newest(state, iterator)) is not None:
+    try:  # a checkpoint of another model is refused here, before anything is written to the workdir
+        restored = ckpt.restore_newest(state, iterator, config=config)
+    except BaseException:
+        ckpt.close()
+        iterator.close()
+        raise
+    if restored is not None:
         latest, state, _ = restored
         say(f"resumed from the checkpoint of step {latest} in {workdir}")
+    save_config(written, workdir)  # as written: `evaluate` resolves it again, where it runs
     start = int(state.step)
     say(
         f"{len(source)} utterances, {per_epoch} steps of {batch_size} per epoch, {config.train.epochs} epochs, "
@@ -117,20 +129,23 @@ def train(
     def evaluate(step: int) -> None:
         nonlocal last_results
         started = time.perf_counter()
-        results, scores = evaluator.evaluate(run.eval_variables(state))
+        with progress.paused():
+            results, scores = evaluator.evaluate(run.eval_variables(state))
         seconds = time.perf_counter() - started
         if jax.process_index() == 0:
             evaluator.write(
                 workdir / "eval" / f"step_{step}", results, scores, {"step": step, "epoch": step / per_epoch}
             )
-        writer.write(step, verification.scalars(results), kind="eval")  # <list>/<cosine|s-norm|as-norm>/<metric>
+        # <list>/<cosine|s-norm|as-norm>/<metric>, and what the evaluation cost the run
+        writer.write(step, {**verification.scalars(results), "seconds": seconds}, kind="eval")
         say(f"eval step {step} ({seconds:.0f} s):")
         for line in verification.summary_lines(results):
             say(f"  {line}")
         last_results = results
 
-    progress = Progress(stop, per_epoch, batch_size, start, config.train.log_every_steps)
+    progress = Progress(stop, per_epoch, batch_size, start)
     pending: list[tuple[int, dict]] = []
+    waits = InputWait.from_config(config)  # input wait share and the devices' step time (ssps_jax/input_wait.py)
 
     def drain() -> None:
         """Fetches the metrics of dispatched steps; logs them; stops on a non-finite loss."""
@@ -146,11 +161,15 @@ def train(
                     "and running the same command again resumes from it: lower optim.learning_rate or set "
                     "optim.clip_grad_norm first."
                 )
+            progress.finished(done)
             if done % config.train.log_every_steps == 0 or done == stop:
                 metrics["lr"] = float(run.schedule(done - 1))
-                metrics.update(progress.rates(done))
+                metrics.update(progress.rates())
+                metrics.update(waits.scalars())
                 writer.write(done, metrics)
-                say(progress.line(done, metrics))
+                say(f"{progress.line(done, metrics)}  {waits.text(metrics)}")
+                if warning := waits.warning(metrics):
+                    say(warning)
         pending.clear()
 
     def evaluation_due(done: int) -> bool:
@@ -158,6 +177,8 @@ def train(
         epoch_end = done % per_epoch == 0
         return bool(evaluator and epoch_end and every and ((done // per_epoch) % every == 0 or done == stop))
 
+    # From here on SIGTERM / SIGINT stop every process at one step, saved (ssps_jax/preemption.py).
+    watch = preemption.Watch(ckpt.manager).start()
     try:
         if evaluator and config.eval.at_start and start == 0:
             evaluate(0)
@@ -170,34 +191,65 @@ def train(
                 state = state.replace(ssps=queues)
                 if scalars:
                     writer.write(epoch * per_epoch, scalars, kind="ssps")
-            batch = sharding.global_batch(next(iterator), mesh)
+            batch = sharding.global_batch(waits.next(iterator), mesh)
             state, metrics = run.step_program(epoch)(state, batch, jax.random.fold_in(state.rng, step))
             done = step + 1
+            if done % config.train.log_every_steps == 0 or done == stop:  # a logged step: its device time too
+                waits.time_step(pending[-1][1] if pending else None, metrics)
             drain()  # the previous step's metrics, while this one runs
             pending.append((done, metrics))
             if on_step is not None:
                 on_step(done, state)
             epoch_end = done % per_epoch == 0
-            if epoch_end or done % config.train.checkpoint_every_steps == 0:
+            preempted = watch.reached(done)  # every process, every step: they stop at the same one
+            if epoch_end or done % config.train.checkpoint_every_steps == 0 or preempted:
                 drain()  # never checkpoint a state whose loss has not been checked
+                started = time.perf_counter()
                 ckpt.save(done, state, iterator, {"step": done, "epoch": done // per_epoch})
+                writer.write(done, {"seconds": time.perf_counter() - started}, kind="checkpoint")  # the loop's wait
+                writer.sync()  # a gs:// workdir's metrics.jsonl holds every step up to the checkpoint
+            if preempted:
+                ckpt.wait()
+                stopped = preemption.Preempted(done, ckpt.directory)
+                say(str(stopped))
+                raise stopped  # the CLI exits with preemption.PREEMPTED; a rerun resumes from `done`
             if evaluation_due(done):
                 ckpt.wait()  # the epoch's checkpoint committed first: a kill during a long evaluation retrains nothing
                 evaluate(done)
         drain()
         if start >= stop:
             say(f"{workdir} has already trained all {stop} steps")
+        else:
+            say(progress.summary())
+            _say_where(workdir, last_results, ckpt.latest_step(), time.perf_counter() - began)
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        iterator.close()
+        try:
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+            iterator.close()
+        finally:
+            watch.stop()  # last: a signal while the above runs is still a preemption's, not a KeyboardInterrupt
     return last_results
 
 
-def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def _say_where(workdir: epath.Path, results: dict, step: int | None, seconds: float) -> None:
+    """The end of a run: its wall time, its last evaluation, and where its files are."""
+    for name, r in results.items():
+        kinds = [k for k in r if k != "trials"]
+        say(f"last evaluation, {name}: " + ", ".join(f"{k} EER {100 * r[k]['eer']:.2f}%" for k in kinds))
+    evaluations = sorted((workdir / "eval").glob("step_*"), key=lambda p: int(p.name.removeprefix("step_")))
+    say(
+        f"done in {duration(seconds)} wall time. {workdir}: checkpoints/ (newest: step {step}), metrics.jsonl, "
+        f"tensorboard/ (tensorboard --logdir {workdir})"
+        + (f", {evaluations[-1].relative_to(workdir)}/ (metrics.json, scores)" if evaluations else "")
+        + f"; curves and DET as PNG: ssps-jax plot {workdir}"
+    )
+
+
+def load_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
-    path = Path(workdir) / "config.json"
+    path = epath.Path(workdir) / "config.json"
     if not path.is_file():
         raise config_lib.ConfigError(f"{path} not found: is {workdir} a training workdir?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -1,31 +1,39 @@
-"""The train step: a method's pure per-device step, run with shard_map over the mesh.
+"""The train step: one method's step parts, in one order, run with shard_map over the mesh.
 
 `step(state, batch, rng) -> (state, metrics)` is written for one device, in
 pmap's programming model: it sees its slice of the global batch, BatchNorm
 and the losses talk to the other devices through collectives over the
-`data` axis, and gradients are averaged with `pmean`. Each method writes its
-step (`Method.step`, methods/*.py) from the pieces here; `make_train_step`
-wraps any of them in `jax.shard_map` (parameters replicated, batch and SSPS
-queues split) and `jax.jit`.
+`data` axis, and gradients are averaged with `pmean`. `method_step` is that
+step for any method: the method supplies its parts (methods/base.py: target,
+forward, loss, update, and which branch is the positive one) and this module
+does the rest, the same way for all. `make_train_step` wraps it in
+`jax.shard_map` (parameters replicated, batch and SSPS queues split) and
+`jax.jit`, after turning the batch the input pipeline sent into the one the
+methods take (`device_augment.model_batch`: with `data.augment.on =
+"device"`, the views are augmented there, on each device's examples; float32
+batches pass unchanged).
 
-SSPS enters every method's step the same way (docs/method.md §3-§5), in the
-epochs where the queues are live: `reference_and_positives` computes y^ (the
+SSPS enters here and nowhere else (docs/method.md §3-§5), in the epochs
+where the queues are live: `reference_and_positives` computes y^ (the
 L2-normalised encoder output of the clean reference crop in inference mode,
-outside the gradient) and draws this step's pseudo-positives; the method
-puts them in place of its positive-branch embeddings where the mask says so,
-and `ssps.enqueue` writes the batch's (index, y^) and (index, positives) into
-the queues.
+with the variables evaluation uses, outside the gradient) and draws this
+step's pseudo-positives; they take the place of the positive branch of the
+anchors the mask selects -- the target's outputs before the loss, or the
+online forward's inside it -- and `ssps.enqueue` writes the batch's
+(index, y^) and (index, original positive branch) into the queues.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from ssps_jax import device_augment
 from ssps_jax.sharding import DATA
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.ssps.lifecycle import SSPS
@@ -50,6 +58,68 @@ def reference_and_positives(model: nn.Module, variables, state: TrainState, batc
     return y_ref, positives, mask, metrics
 
 
+def method_step(method, state: TrainState, batch: dict, rng, *, model: nn.Module, tx, settings, ssps: SSPS | None):
+    """One step of `method` (a methods.base.Method) on this device's examples (call inside shard_map).
+
+    `rng` is the step key shared by all devices; `ssps` is None without SSPS.
+    """
+    # This device's randomness (stochastic layers): the step key folded with the device index.
+    device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
+    target = method.target(state, batch, model=model, settings=settings)
+    metrics = {}
+    if ssps is not None:
+        y_ref, positives, mask, metrics = reference_and_positives(
+            model, method.eval_variables(state), state, batch, rng, ssps
+        )
+
+    def used(branch):
+        """The positive branch (V, n, D) as the loss uses it: pseudo-positives where the mask says so."""
+        if ssps is None:
+            return branch
+        if branch is None:
+            raise ValueError(f"{method.name} has no positive branch for SSPS to replace")
+        return jnp.where(mask[None, :, None], positives.astype(branch.dtype), branch)
+
+    target_used = None if target is None else used(target.positive)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        outputs, batch_stats = method.forward(variables, batch, device_rng, model=model, settings=settings)
+        positive = target_used if target is not None else used(method.online_positive(outputs))
+        loss, loss_metrics = method.loss(
+            outputs,
+            positive,
+            variables=variables,
+            state=state,
+            batch=batch,
+            target=target,
+            model=model,
+            settings=settings,
+        )
+        return loss, (batch_stats, outputs, positive, loss_metrics)
+
+    (loss, (batch_stats, outputs, positive, loss_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    params, opt_state, grad_norm = apply_gradients(state, grads, tx)
+    method_state, update_metrics = method.update(state, params, outputs, positive, target, settings=settings)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,  # already identical on every device (synchronised BN)
+        opt_state=opt_state,
+        method_state=method_state,
+    )
+    if ssps is not None:
+        original = target.positive if target is not None else method.online_positive(outputs)
+        queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, original)
+        new_state = new_state.replace(ssps=queues)
+    metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm)
+    metrics.update({name: lax.pmean(value, DATA) for name, value in loss_metrics.items()})
+    metrics.update(update_metrics)
+    return new_state, metrics
+
+
 def make_train_step(
     method,
     model: nn.Module,
@@ -62,7 +132,10 @@ def make_train_step(
     """The global step of `method` (a methods.base.Method): jit(shard_map(step)); donates the input state."""
 
     def step(state, batch, rng):
-        return method.step(state, batch, rng, model=model, tx=tx, settings=settings, ssps=ssps)
+        # With data.augment.on = "device" the views are augmented here, on this device's examples, before any
+        # method sees them; a batch of float32 waveforms passes unchanged.
+        batch = device_augment.model_batch(batch)
+        return method_step(method, state, batch, rng, model=model, tx=tx, settings=settings, ssps=ssps)
 
     step.__name__ = f"{method.name}_step"  # what XLA's compile logs and profiles call the program
     # check_vma=False: the per-device (pmap) model, where a replicated input's

@@ -8,6 +8,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
+from gcs import gcs_bucket  # noqa: F401  (a fixture: gs://bucket on a GCS emulator)
 
 from data_pipelines import speaker_corpus
 from data_pipelines.demo_corpus import corpus
@@ -42,11 +43,24 @@ def demo_source(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for the session: the tests build the same programs many times."""
+    """One persistent XLA cache for the whole test run: the tests build the same programs many times, in this
+    process, in the other xdist workers and in the subprocesses they start (the CLI, killed training drivers,
+    the two-process runs), which inherit it through the environment. A size limit turns on JAX's file lock,
+    so that processes sharing the folder never read an entry being written."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker's base folder is inside the run's (pytest-N/popen-gwK): share the run's.
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache"
+    path.mkdir(exist_ok=True)
+    settings = {
+        "jax_compilation_cache_dir": str(path),
+        "jax_persistent_cache_min_compile_time_secs": 0.5,
+        "jax_compilation_cache_max_size": 64 << 30,  # never reached: set for the lock
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
 
 
 def tiny_config(demo_dir):

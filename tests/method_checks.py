@@ -195,31 +195,37 @@ def ssps_run_config(config):
 
 
 def assert_resume_in_ssps_epoch_reproduces(make_config, tmp_path):
-    """An uninterrupted 2-epoch run (SSPS in epoch 1, if enabled) and one killed mid-epoch 1 then resumed:
-    the same losses.
+    """A 2-epoch run (SSPS in epoch 1, if enabled) killed at its last step, its last checkpoint mid-epoch 1, then
+    resumed: every step the resumed run trains again has the loss the killed run logged for it.
 
-    Returns the uninterrupted run's train records.
+    The killed run is its own reference (its records of steps 18-29 are those of an uninterrupted run: the kill
+    comes after them), so one run and its resumption check what an uninterrupted run and a resumed one would.
+    Returns the train records of the whole run (each step once, as resumed).
     """
     steps_per_epoch = 240 // 16
-    reference_dir = tmp_path / "uninterrupted"
-    train_lib.train(make_config(), reference_dir)
-    reference = {r["step"]: r["loss"] for r in records(reference_dir, "train")}
-
+    last = 2 * steps_per_epoch
     config = make_config()
     config.train.checkpoint_every_steps = steps_per_epoch + 2  # a checkpoint inside the SSPS epoch
 
     def kill(done, state):
-        if done == steps_per_epoch + 4:
+        if done == last:  # before the epoch-end checkpoint: the resumption starts from step 17
             raise Interrupted
 
-    workdir = tmp_path / "resumed"
+    workdir = tmp_path / "run"
     with pytest.raises(Interrupted):
         train_lib.train(config, workdir, on_step=kill)
+    killed = {r["step"]: r["loss"] for r in records(workdir, "train")}
+    assert sorted(killed) == list(range(1, last))  # the last step's metrics were not fetched
     train_lib.train(config, workdir)
-    resumed = {r["step"]: r["loss"] for r in records(workdir, "train")}
-    assert sorted(resumed) == sorted(reference)
-    np.testing.assert_allclose([resumed[s] for s in reference], list(reference.values()), rtol=1e-6)
-    train = records(reference_dir, "train")
+    log = records(workdir, "train")
+    again = {r["step"]: r["loss"] for r in log[len(killed) :]}
+    assert sorted(again) == list(range(steps_per_epoch + 3, last + 1))
+    np.testing.assert_allclose(
+        [again[s] for s in range(steps_per_epoch + 3, last)],
+        [killed[s] for s in range(steps_per_epoch + 3, last)],
+        rtol=1e-6,
+    )
+    train = list({r["step"]: r for r in log}.values())
     if config.ssps.enabled:
         assert all(r["ssps/coverage"] > 0 for r in train if r["step"] > steps_per_epoch)
     return train

@@ -162,10 +162,19 @@ def test_bench_input_counts_examples_per_second():
     config.data.crops.reference_seconds = 0.5
     rng = np.random.default_rng(0)
     source = [{"audio": rng.integers(-3000, 3000, 8000, dtype=np.int16), "index": i} for i in range(32)]
-    examples = bench_input.input_pipeline.make_examples(config.data)
-    row = bench_input.measure(source, examples, batch_size=8, workers=0, batches=3, prefetch=2, seed=0)
+    examples = {}
+    for on in ("host", "device"):
+        config.data.augment.on = on
+        examples[on] = bench_input.input_pipeline.make_examples(config.data)
+    rows = [
+        {"on": on, **bench_input.measure(source, ex, batch_size=8, workers=0, batches=3, prefetch=2, seed=0)}
+        for on, ex in examples.items()
+    ]
+    row = rows[0]
     assert row["workers"] == 0 and row["batches"] == 3
     assert row["examples_per_s"] == pytest.approx(3 * 8 / row["seconds"])
+    costs = bench_input.example_costs(source, examples, records=4)
+    assert costs["records"] == 4 and {"read_ms", "host_map_ms", "device_map_ms"} <= set(costs)
     result = {
         "cpus": 2,
         "train_csv": "x.csv",
@@ -174,9 +183,15 @@ def test_bench_input_counts_examples_per_second():
         "crops": config.data.crops.to_dict(),
         "augment": "off",
         "device_samples_per_s": 1e9,
-        "rows": [row],
+        "rows": rows,
+        "costs": costs,
     }
-    assert "| 0 |" in bench_input.table(result) and "no (" in bench_input.table(result)
+    table = bench_input.table(result)
+    assert "| host | 0 |" in table and "| device | 0 |" in table and "no (" in table
+    # The per-example breakdown adds up to the in-process rate.
+    assert all(r["cpu_ms_per_example"] > 0 for r in rows)  # in process: its CPU time is counted
+    rest = [r["cpu_ms_per_example"] - costs["read_ms"] - costs[f"{r['on']}_map_ms"] for r in rows]
+    assert f"| the rest: grain, batching (the total - the above) | {rest[0]:.3f} | {rest[1]:.3f} |" in table
 
 
 class _FakeCompiled:

@@ -10,9 +10,11 @@ The k-means kill is in tests/test_ssps_train.py, beside its SSPS reference run, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +26,9 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from ssps_jax import checkpoint, cli
+from ssps_jax import checkpoint, cli, preemption, sharding
 from ssps_jax import train as train_lib
+from ssps_jax.build import build_for_inference
 
 STEPS = 15  # one epoch of the small corpus at batch 16
 
@@ -55,13 +58,19 @@ def _assert_same_losses(workdir: Path, reference: dict[int, float]) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_dir, tmp_path_factory):
-    """Losses of the uninterrupted run, with an evaluation at its end."""
+def uninterrupted(demo_dir, tmp_path_factory) -> Path:
+    """The workdir of the uninterrupted run, with an evaluation at its end (read-only for tests)."""
     config = fault_config(demo_dir)
     config.eval.every_epochs = 1
     workdir = tmp_path_factory.mktemp("uninterrupted")
     train_lib.train(config, workdir)
-    return _losses(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    """Losses of the uninterrupted run."""
+    return _losses(uninterrupted)
 
 
 def _stop_at(step):
@@ -246,4 +255,119 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_resumes_exactly(demo_dir, t
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
 
     train_lib.train(config, workdir)
+    _assert_same_losses(workdir, reference)
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> SHA-256 of its bytes), and every folder (-> "dir")."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def _config_file(config, path: Path) -> Path:
+    path.write_text(
+        "import json, ml_collections\n"
+        f"def get_config():\n    return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n"
+    )
+    return path
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line_and_nothing_is_written(
+    demo_dir, tmp_path, uninterrupted, capsys
+):
+    workdir = tmp_path / "w"
+    shutil.copytree(uninterrupted, workdir)
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    config_py = _config_file(config, tmp_path / "config.py")
+    before = _tree_digest(workdir)
+    assert f"eval/step_{STEPS}/metrics.json" in before and "config.json" in before
+
+    # Resumed with another encoder: refused before anything is restored or written.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", str(config_py), "--workdir", str(workdir), "--config.model.encoder=resnet34"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(
+        f"ssps-jax train: error: checkpoint {STEPS} in {workdir.resolve() / 'checkpoints'} holds another model than "
+        "the config builds: params/encoder/"
+    )
+    assert "(model.encoder probably differs)" in err
+    assert _tree_digest(workdir) == before
+
+    # evaluate of a workdir whose config.json is not its checkpoints' (as an older train rewrote it): refused too.
+    written = json.loads((workdir / "config.json").read_text())
+    written["model"]["ecapa_tdnn"]["se_channels"] = 4
+    (workdir / "config.json").write_text(json.dumps(written))
+    before = _tree_digest(workdir)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--workdir", str(workdir)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert re.search(
+        r"params/encoder/blocks_1/se_block/conv1/conv/bias is \(8,\) float32 in the checkpoint, \(4,\) float32 in the "
+        r"config's model \(model\.ecapa_tdnn\.se_channels probably differs\)",
+        err,
+    ), err
+    assert _tree_digest(workdir) == before
+
+    # The restore itself fails rather than fill arrays the checkpoint does not hold (orbax's structure check on a
+    # target that mirrors the checkpoint), or hold with another shape (checked after the read).
+    other = config.copy_and_resolve_references()
+    other.model.encoder = "resnet34"
+    _, _, resnet = build_for_inference(other, sharding.make_mesh())
+    other.model.encoder = "ecapa_tdnn"
+    other.model.ecapa_tdnn.se_channels = 4
+    _, _, narrower = build_for_inference(other, sharding.make_mesh())
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        with pytest.raises(ValueError, match="structures do not match"):
+            ckpt.restore(STEPS, resnet)
+        with pytest.raises(RuntimeError, match=r"orbax restored ndarray \(8,\)"):
+            ckpt.restore(STEPS, narrower)
+    finally:
+        ckpt.close()
+    assert _tree_digest(workdir) == before
+
+
+def test_sigterm_stops_at_the_step_saves_it_and_the_rerun_resumes_exactly(
+    demo_dir, tmp_path, reference, monkeypatch, capsys
+):
+    """One process: the signal is noticed between steps; a second one while the save runs changes nothing."""
+    config = fault_config(demo_dir)
+    config.eval.every_epochs = 1
+    workdir = tmp_path / "w"
+    handlers = {s: signal.getsignal(s) for s in preemption.SIGNALS}
+    save, second = checkpoint.Checkpointer.save, []
+
+    def save_then_signal_again(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 5:  # the preemption's save, in flight (asynchronous): Ctrl-C now
+            second.append(step)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_signal_again)
+
+    def preempt(done, state):
+        if done == 5:  # between checkpoints 3 and 6
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(preemption.Preempted) as stopped:
+        train_lib.train(config, workdir, on_step=preempt)
+    assert stopped.value.step == 5 and stopped.value.status == preemption.PREEMPTED == 75 and second == [5]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3, 5]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"stopped for a preemption at step 5: checkpoint 5 is saved in {workdir.resolve() / 'checkpoints'}; run "
+        "the same command again to resume from it (exit status 75)"
+    )
+    assert {s: signal.getsignal(s) for s in preemption.SIGNALS} == handlers  # put back
+
+    monkeypatch.undo()
+    train_lib.train(config, workdir)
+    assert "resumed from the checkpoint of step 5" in capsys.readouterr().out
     _assert_same_losses(workdir, reference)

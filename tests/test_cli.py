@@ -5,6 +5,7 @@ for real would train or benchmark, the library function it calls is replaced
 by one that records its arguments.
 """
 
+import argparse
 from pathlib import Path
 
 import ml_collections
@@ -58,6 +59,22 @@ def test_help_lists_the_commands_own_flags(command, flags, capsys):
     options = [w for w in out.split() if w.startswith("--") and not w.startswith("--config.")]
     assert not [w for w in options if "_" in w]  # dashes, never underscores
     assert "helpfull" not in out
+
+
+def test_every_flag_of_every_command_has_help():
+    """Walks every subparser: each of its arguments (flags and positionals) says what it is."""
+    parser = cli._parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(commands.choices) >= 17
+    missing = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, command in commands.choices.items()
+        for action in command._actions
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
+    assert not missing
+    helped = {a.dest for a in commands._choices_actions if a.help}
+    assert helped == set(commands.choices)
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -263,6 +280,7 @@ def _config():
             "sizes": (512, 1536),
             "ranges": (0.0, 15.0),
             "trials": (),
+            "names": ("a.txt", "b.txt"),
             "free": None,
             "section": {"deep": {"key": 1}},
         }
@@ -288,6 +306,9 @@ def _config():
         ("sizes", "[1, 2, 3]", (1, 2, 3)),  # a list literal for a tuple: stays a tuple
         ("ranges", "(5, 7.5)", (5, 7.5)),
         ("trials", "('a.txt', 'b.txt')", ("a.txt", "b.txt")),
+        ("trials", "demo_trials.txt", ("demo_trials.txt",)),  # one path for a sequence of paths
+        ("trials", "'a b.txt'", ("a b.txt",)),
+        ("names", "c.txt", ("c.txt",)),
         ("free", "[1, 2]", [1, 2]),  # no type to go by: a Python literal ...
         ("free", "abc", "abc"),  # ... or the text
         ("section.deep.key", "2", 2),
@@ -308,6 +329,8 @@ def test_apply_overrides_parses_values_by_the_current_type(key, text, value):
         ("lr", "fast", "config.lr: expected float, got 'fast'"),
         ("on", "yes", "config.on: expected bool (true/false/1/0), got 'yes'"),
         ("sizes", "512", "config.sizes: expected a tuple literal such as (512, 1536), got '512'"),
+        ("sizes", "abc", "config.sizes: expected a tuple literal such as (512, 1536), got 'abc'"),
+        ("trials", "5", "config.trials: expected a tuple literal such as ('a', 'b'), got '5'"),
         ("sizes", "(1, 'a')", "config.sizes: expected items of type int, got 'a' in \"(1, 'a')\""),
         ("sizes", "(1, 2.5)", "config.sizes: expected items of type int, got 2.5"),
         ("sizes", "(1, True)", "config.sizes: expected items of type int, got True"),

@@ -31,6 +31,40 @@ def test_config_validates_once_its_data_exists(path, demo_dir):
     config_lib.validate(config, device_count=8)
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_files_have_no_setting_that_cannot_take_effect(path):
+    assert config_lib.ineffective_settings(_load(path)) == []
+
+
+def test_settings_that_cannot_take_effect_are_named():
+    demo = config_lib.use_demo_ssps(config_lib.use_demo(config_lib.base_config()))
+    demo.train.epochs = 1
+    demo.train.stop_at_epoch = 0
+    demo.optim.lr_scale = 0.5
+    demo.optim.lr_scale_from_epoch = 1
+    demo.eval.trials = ()
+    demo.eval.at_start = True
+    demo.dino.student_temperature = 0.2
+    demo.optim.schedule = "warmup_cosine"
+    demo.optim.warmup_epochs = 1
+    lines = config_lib.ineffective_settings(demo)
+    assert [line.split(":")[0] for line in lines] == [
+        "config.ssps.start_epoch",
+        "config.optim.lr_scale",
+        "config.optim.warmup_epochs",
+        "config.eval.at_start",
+        "config.dino.student_temperature",
+    ]
+    assert lines[0] == (
+        "config.ssps.start_epoch: SSPS would sample from epoch 13, after the last epoch (train.epochs = 1): "
+        "this run trains without it"
+    )
+    # A run stopped before SSPS starts is meant to be continued with it (the demo's first stage): no warning.
+    demo = config_lib.use_demo_ssps(config_lib.use_demo(config_lib.base_config()))
+    demo.train.stop_at_epoch = demo.ssps.start_epoch
+    assert config_lib.ineffective_settings(demo) == []
+
+
 @pytest.mark.parametrize("name, encoder", [("simclr_ecapa", "ecapa_tdnn"), ("simclr_resnet34", "resnet34")])
 def test_paper_simclr_configs(name, encoder):
     config = _load(next(p for p in CONFIGS if p.stem == name))

@@ -11,8 +11,8 @@ from ssps_jax.config_overrides import UsageError, load_config_file
 
 
 def test_every_registered_method_has_a_demo_with_ssps_unless_it_trains_on_labels():
-    assert set(demo_methods.DEMOS) == set(methods.REGISTRY)
-    for name, file in demo_methods.DEMOS.items():
+    assert set(demo_methods.demos()) == set(methods.REGISTRY)
+    for name, file in demo_methods.demos().items():
         config = load_config_file(demo_methods.CONFIGS / file)
         assert config.method == name
         assert config.ssps.enabled != methods.get(name).needs_labels
@@ -41,8 +41,8 @@ def test_the_table_takes_the_fair_baseline_and_the_ssps_run(tmp_path, monkeypatc
     assert rows["vicreg"]["with_ssps"]["eer"] == pytest.approx(0.36) and rows["supervised"]["with_ssps"] is None
     saved = json.loads((tmp_path / "runs" / "demo_methods.json").read_text())
     assert saved["methods"]["simclr"]["with_ssps"]["eer"] == pytest.approx(0.27)
-    with pytest.raises(UsageError, match="unknown byol"):
-        demo_methods.run(tmp_path / "data", tmp_path / "runs", ["byol"])
+    with pytest.raises(UsageError, match="unknown nonesuch"):
+        demo_methods.run(tmp_path / "data", tmp_path / "runs", ["nonesuch"])
 
 
 @pytest.mark.parametrize("name", ["vicreg_ecapa", "vicreg_ssps_ecapa", "moco_ssps_ecapa", "swav_ssps_ecapa"])

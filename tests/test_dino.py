@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_dino_config
 
 from ssps_jax import sharding
-from ssps_jax.methods import dino
+from ssps_jax.methods import common, dino
 from ssps_jax.optim import clip_each_by_norm
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps.lifecycle import SSPS
@@ -52,9 +52,9 @@ def test_centre_ema_and_schedules_by_hand():
     # mean over views and examples: (4, 5); 0.9 * center + 0.1 * mean
     np.testing.assert_allclose(dino.update_center(center, teacher, 0.9, None), [9.4, -8.5], rtol=1e-6)
     t, s = {"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, 6.0])}
-    np.testing.assert_allclose(dino.ema(t, s, 0.75)["w"], [1.5, 3.0])
+    np.testing.assert_allclose(common.ema(t, s, 0.75)["w"], [1.5, 3.0])
     # tau: 0.996 at step 0, 0.998 half way, 1 at the end (half cosine).
-    taus = [float(dino.teacher_momentum(jnp.float32(step), 100, 0.996, 1.0)) for step in (0, 50, 100)]
+    taus = [float(common.momentum_tau(jnp.float32(step), 100, 0.996, 1.0)) for step in (0, 50, 100)]
     np.testing.assert_allclose(taus, [0.996, 0.998, 1.0], atol=1e-7)
     # Teacher temperature: sslsv's linspace(0.02, 0.04, 3) over epochs 0..2, then 0.04.
     temps = [float(dino.teacher_temperature(jnp.float32(e), 0.04, 0.02, 3)) for e in range(5)]

@@ -33,21 +33,31 @@ def _records(workdir, kind):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_dir, tmp_path_factory):
+def run(demo_dir, tmp_path_factory):
+    """A DINO-SSPS run killed at its last step, its last checkpoint mid-epoch 1 (step 17, with that epoch's
+    clustering), then resumed: the killed run's records of steps 18-29 are the reference the resumed run's
+    must equal. Returns (workdir, states after epochs 0 and 1, the final evaluation, the killed run's losses)."""
     workdir = tmp_path_factory.mktemp("dino")
+    config = dino_ssps_config(demo_dir)
+    config.train.checkpoint_every_steps = STEPS_PER_EPOCH + 2
     states = {}
 
-    def keep(done, state):
+    def keep_then_kill(done, state):
         if done in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
             states[done] = jax.device_get(state)
+        if done == 2 * STEPS_PER_EPOCH:  # before the epoch-end checkpoint and evaluation
+            raise Interrupted
 
-    results = train_lib.train(dino_ssps_config(demo_dir), workdir, on_step=keep)
-    return workdir, states, results
+    with pytest.raises(Interrupted):
+        train_lib.train(config, workdir, on_step=keep_then_kill)
+    killed = {r["step"]: r["loss"] for r in _records(workdir, "train")}
+    results = train_lib.train(config, workdir)
+    return workdir, states, results, killed
 
 
-def test_dino_ssps_trains_queues_both_views_and_evaluates_the_teacher(uninterrupted):
-    workdir, states, results = uninterrupted
-    train = _records(workdir, "train")
+def test_dino_ssps_trains_queues_both_views_and_evaluates_the_teacher(run):
+    workdir, states, results, _ = run
+    train = list({r["step"]: r for r in _records(workdir, "train")}.values())  # a step logged twice: as resumed
     assert all(r["ssps/coverage"] > 0 for r in train if r["step"] > STEPS_PER_EPOCH)
     assert all(r["ssps/coverage"] == 0 for r in train if r["step"] <= STEPS_PER_EPOCH)
     end = states[2 * STEPS_PER_EPOCH]
@@ -65,20 +75,10 @@ def test_dino_ssps_trains_queues_both_views_and_evaluates_the_teacher(uninterrup
     assert evaluation["results"] == results
 
 
-def test_dino_resume_in_the_ssps_phase_reproduces_the_losses(demo_dir, tmp_path, uninterrupted):
-    reference_dir, _, _ = uninterrupted
-    reference = {r["step"]: r["loss"] for r in _records(reference_dir, "train")}
-    workdir = tmp_path / "resumed"
-    config = dino_ssps_config(demo_dir)
-
-    def kill(done, state):
-        if done == STEPS_PER_EPOCH + 4:  # mid-epoch 1: resumes from step 23 with its clustering
-            raise Interrupted
-
-    config.train.checkpoint_every_steps = STEPS_PER_EPOCH + 2
-    with pytest.raises(Interrupted):
-        train_lib.train(config, workdir, on_step=kill)
-    train_lib.train(config, workdir)
-    resumed = {r["step"]: r["loss"] for r in _records(workdir, "train")}
-    assert sorted(resumed) == sorted(reference)
-    np.testing.assert_allclose([resumed[s] for s in reference], list(reference.values()), rtol=1e-6)
+def test_dino_resume_in_the_ssps_phase_reproduces_the_losses(run):
+    workdir, _, _, killed = run
+    assert sorted(killed) == list(range(1, 2 * STEPS_PER_EPOCH))
+    again = {r["step"]: r["loss"] for r in _records(workdir, "train")[len(killed) :]}
+    assert sorted(again) == list(range(STEPS_PER_EPOCH + 3, 2 * STEPS_PER_EPOCH + 1))
+    redone = range(STEPS_PER_EPOCH + 3, 2 * STEPS_PER_EPOCH)
+    np.testing.assert_allclose([again[s] for s in redone], [killed[s] for s in redone], rtol=1e-6)

@@ -8,9 +8,11 @@ into one batch (padding filled with noise) with their lengths, so a masking
 bug in an export shows.
 """
 
+import contextlib
 import copy
 import csv
 import dataclasses
+import io
 import json
 import re
 
@@ -83,6 +85,35 @@ def reference(trained, recordings):
     return l2_normalise(np.stack(rows))
 
 
+@pytest.fixture(scope="module")
+def exports(trained, tmp_path_factory):
+    """ONNX, then StableHLO, exported into one folder under one stem (README's commands): (paths, printed)."""
+    folder = tmp_path_factory.mktemp("exports")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        onnx_path = export.export(trained, folder / "encoder.onnx", "onnx", MAX_SECONDS)
+        stablehlo_path = export.export(trained, folder / "encoder.stablehlo", "stablehlo")
+    return {"onnx": onnx_path, "stablehlo": stablehlo_path}, printed.getvalue()
+
+
+def test_exports_into_one_folder_keep_each_description(exports):
+    paths, printed = exports
+    folder = paths["onnx"].parent
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "encoder.onnx",
+        "encoder.onnx.json",
+        "encoder.stablehlo",
+        "encoder.stablehlo.json",
+    ]
+    for fmt, path in paths.items():
+        meta = json.loads(export.metadata_path(path).read_text())
+        assert (meta["format"], meta["artefact"]) == (fmt, path.name)
+    lines = printed.splitlines()
+    assert len(lines) == 2
+    for line, fmt in zip(lines, ("onnx", "stablehlo")):
+        assert line.startswith(f"wrote {paths[fmt]} ({fmt}: ") and line.endswith(f"{paths[fmt]}.json")
+
+
 def _batch(waves, length, seed=1):
     """Waves padded to `length` with noise (an export that read past lengths would change), and their lengths."""
     rng = np.random.default_rng(seed)
@@ -96,8 +127,8 @@ def _max_diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)))
 
 
-def test_onnx_export_matches_jax(trained, recordings, reference, tmp_path):
-    path = export.export_onnx(trained, tmp_path / "model.onnx", MAX_SECONDS)
+def test_onnx_export_matches_jax(trained, exports, recordings, reference):
+    path = exports[0]["onnx"]
     run = export.load_onnx(path)
 
     wave, lengths = _batch(recordings, LENGTH)
@@ -133,8 +164,8 @@ def test_onnx_export_of_a_bfloat16_model_computes_in_float32(trained, recordings
     assert json.loads(export.metadata_path(path).read_text())["model"]["dtype"] == "float32"
 
 
-def test_stablehlo_export_matches_jax(trained, recordings, reference, tmp_path):
-    path = export.export_stablehlo(trained, tmp_path / "model.stablehlo")
+def test_stablehlo_export_matches_jax(exports, recordings, reference):
+    path = exports[0]["stablehlo"]
     run = export.load_stablehlo(path)
 
     got = run(*_batch(recordings, LENGTH))
@@ -219,7 +250,6 @@ def _primitives(jaxpr) -> set[str]:
         (lambda t, d: export.export_stablehlo(t, d / "missing" / "m.stablehlo"), "folder .*missing does not exist"),
         (lambda t, d: export.export_onnx(t, d / "m.onnx", 0.0), "max_seconds must be > 0, got 0.0"),
         (lambda t, d: export.export_stablehlo(t, d / "m.stablehlo", -1.0), "max_seconds must be > 0, got -1.0"),
-        (lambda t, d: export.export_onnx(t, d / "m.json", 1.0), "metadata"),
         (lambda t, d: export.load_stablehlo(d / "nothing.stablehlo"), "nothing.stablehlo: no such exported model"),
     ],
 )

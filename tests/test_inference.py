@@ -61,14 +61,30 @@ def test_extract_embeddings_give_evaluate_scores(run, demo_dir, tmp_path):
     assert not (tmp_path / "emb.npz.parts").exists()  # joined and removed
 
 
-def test_score_prints_evaluate_cosine_and_as_norm(run, demo_dir, capsys):
+def test_score_prints_evaluate_cosine_and_as_norm_and_decides(run, demo_dir, capsys):
     workdir, scores = run
+    (metrics_path,) = workdir.glob("eval/step_*/metrics.json")
+    stored = json.loads(metrics_path.read_text())["results"][trial_list_name(corpus.TRIALS)]
     for pair in list(scores["cosine"])[:2]:
         cli.main(["score", str(workdir), *(str(demo_dir / f) for f in pair)])
-        printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+        *lines, decision = capsys.readouterr().out.splitlines()
+        printed = dict(line.split() for line in lines)
         assert set(printed) == {"cosine", "as-norm"}
         for kind in printed:
             assert float(printed[kind]) == pytest.approx(scores[kind][pair], abs=TOL)
+        # Decided on AS-Norm (the workdir's eval.score_norm) with the EER threshold its evaluation stored.
+        threshold = stored["as-norm"]["eer_threshold"]
+        same = float(printed["as-norm"]) >= threshold
+        assert decision.startswith(f"{'same' if same else 'different'}: as-norm {printed['as-norm']} ")
+        assert decision.endswith(
+            f"threshold {threshold:.6f} (the EER threshold of demo_trials at step 15, from {metrics_path})"
+        )
+
+    pair = [str(demo_dir / f) for f in next(iter(scores["cosine"]))]
+    cli.main(["score", str(workdir), *pair, "--no-norm", "--threshold", "-1"])
+    *lines, decision = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["cosine"]
+    assert decision.startswith("same: cosine ") and decision.endswith("threshold -1.000000 (--threshold)")
 
 
 def test_verifier_embeds_files_and_waveforms_alike(run, demo_dir):

@@ -1,5 +1,10 @@
 """The grain pipeline: seeded order, epochs, per-process sharding, exact restore."""
 
+import dataclasses
+import multiprocessing
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -94,12 +99,17 @@ def test_process_shards_tile_the_global_batch(demo_source, examples, process_cou
     assert len(seen) == len(set(seen)) == steps * GLOBAL_BATCH
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_restored_iterator_continues_exactly(demo_source, examples, workers):
+@pytest.mark.parametrize("workers, on", [(0, "host"), (2, "host"), (0, "device")])
+def test_restored_iterator_continues_exactly(demo_source, examples, workers, on):
+    """Also with augmentation on the accelerator: its random draws are the host's, made in the same map."""
     steps = input_pipeline.steps_per_epoch(len(demo_source), GLOBAL_BATCH)
+    examples = dataclasses.replace(examples, on=on)
     ds = _dataset(demo_source, examples, seed=7)
     it = input_pipeline.make_iterator(ds, workers=workers)
     _take(it, steps - 2)  # stop mid-epoch, two steps before its end
+    for worker in multiprocessing.active_children():  # a preemption notice to every process: workers go on
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
     state = it.get_state()
     expected = _take(it, 4)  # crosses into the next epoch
     it.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from ssps_jax.evaluation.metrics import eer, min_dcf
+from ssps_jax.evaluation.metrics import eer, eer_threshold, min_dcf
 
 
 def _brute_force_points(scores, labels):
@@ -89,3 +89,32 @@ def test_min_dcf_at_p_target_0_05_by_hand():
 def test_needs_both_kinds_of_trials():
     with pytest.raises(ValueError, match="target and non-target"):
         eer([0.1, 0.2], [1, 1])
+
+
+def _rates_at(threshold, scores, labels):
+    scores, labels = np.asarray(scores), np.asarray(labels).astype(bool)
+    accept = scores >= threshold
+    return float(np.mean(accept[~labels])), float(np.mean(~accept[labels]))  # FPR, FNR
+
+
+def test_eer_threshold_decides_at_the_eer():
+    # Hand case: targets 0.4, 0.6, 0.8, 0.9; non-targets 0.1, 0.3, 0.5, 0.7.
+    # Accepting >= 0.55 (any threshold in (0.5, 0.6]) gives FPR = FNR = 1/4.
+    scores = [0.4, 0.6, 0.8, 0.9, 0.1, 0.3, 0.5, 0.7]
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    assert eer(scores, labels) == pytest.approx(0.25)
+    assert eer_threshold(scores, labels) == pytest.approx(0.55)
+    assert eer_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == pytest.approx(0.5)  # separated: between the classes
+
+    # Random scores with ties: counted directly, the decision at the threshold has FNR >= FPR, the decision at the
+    # next lower score still has FNR <= FPR (so it is the point at or just past the crossing), and its rates
+    # bracket the EER.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 300)
+        scores = np.round(rng.normal(labels * 1.0, 1.0), 2)
+        threshold = eer_threshold(scores, labels)
+        fpr, fnr = _rates_at(threshold, scores, labels)
+        below_fpr, below_fnr = _rates_at(scores[scores < threshold].max(), scores, labels)
+        assert fnr >= fpr - 1e-12 and below_fnr <= below_fpr + 1e-12
+        assert min(fpr, fnr) - 1e-12 <= eer(scores, labels) <= max(fpr, fnr) + 1e-12

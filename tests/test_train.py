@@ -68,6 +68,57 @@ def test_killed_run_resumes_with_identical_losses(demo_dir, tmp_path, uninterrup
     )
 
 
+def test_device_augmentation_trains_as_the_host_path_and_logs_input_waits(tmp_path, uninterrupted, capsys):
+    """data.augment.on=device: the same draws, augmented in the step, give the host path's losses; every logged
+    line carries the input-wait share and the devices' step time."""
+    config, reference_dir, _ = uninterrupted
+    reference = _losses(reference_dir)
+    config = config.copy_and_resolve_references()
+    config.data.augment.on = "device"
+    config.eval.every_epochs = 0
+
+    def stop(done, state):
+        if done == 4:
+            raise Interrupted
+
+    workdir = tmp_path / "device"
+    with pytest.raises(Interrupted):
+        train_lib.train(config, workdir, on_step=stop)
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]  # step 4's metrics are fetched one step late
+    np.testing.assert_allclose([r["loss"] for r in train], [reference[s] for s in (1, 2, 3)], rtol=1e-4)
+    assert all(0 <= r["input_wait_share"] < 1 and r["device_step_s"] > 0 for r in train)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and all("| input wait " in line and " ms/step" in line for line in lines)
+
+
+def test_input_wait_share_and_its_one_warning():
+    from ssps_jax.input_wait import InputWait
+
+    now = [0.0]
+
+    def batches(wait):
+        while True:
+            now[0] += wait  # the loop blocks this long in next(iterator)
+            yield {}
+
+    waits = InputWait(0.2, "raise data.workers (now 2)", clock=lambda: now[0])
+    it = batches(0.5)
+    waits.next(it)  # the first batch: worker start-up, not counted
+    for _ in range(4):
+        now[0] += 1.5  # the step's own time on the host
+        waits.next(it)
+    first = waits.scalars()
+    assert first == {"input_wait_share": pytest.approx(2.0 / 8.0)}  # 4 waits of 0.5 s in 8 s
+    message = waits.warning(first)
+    assert "25% of the last logging window" in message and "raise data.workers (now 2)" in message
+    waits.next(it)
+    assert waits.scalars()["input_wait_share"] == 1.0  # nothing but waiting since the last log
+    assert waits.warning({"input_wait_share": 0.9}) is None  # said once per run
+    assert InputWait(0.0, "", clock=lambda: now[0]).warning({"input_wait_share": 0.9}) is None  # 0: never
+
+
 def test_evaluate_command_reproduces_the_training_evaluation(uninterrupted):
     _, workdir, results = uninterrupted
     assert set(results) == {"demo_trials"}
@@ -107,6 +158,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, tmp_
         ("data.train_csv", "/nowhere.csv", "config.data.train_csv: file not found"),
         ("model.ecapa_tdnn.dilations", (1, 2, 3), "config.model.ecapa_tdnn.dilations: needs 5 entries"),
         ("data.augment.strategy", "chorus", "config.data: augment strategy must be one of"),
+        ("data.augment.on", "gpu", "config.data.augment.on: must be one of"),
+        ("train.input_wait_warning", 1.5, r"config.train.input_wait_warning: must be in \[0, 1\)"),
         ("eval.trials", ("/nowhere.txt",), r"config.eval.trials\[0\]: file not found"),
     ],
 )
@@ -122,6 +175,29 @@ def test_invalid_config_fails_before_compiling(demo_dir, tmp_path, monkeypatch, 
     with pytest.raises(config_lib.ConfigError, match=message):
         train_lib.train(config, tmp_path / "w")
     assert not compiled
+
+
+def test_what_needs_the_data_is_checked_before_the_workdir_is_written(demo_dir, tmp_path, capsys):
+    """k-means clusters beyond the reference queue (one epoch of the prepared split) are refused before
+    config.json is touched; a setting that cannot take effect is a one-line warning first."""
+    config = tiny_config(demo_dir)
+    config.ssps.enabled = True
+    config.ssps.start_epoch = 1
+    config.ssps.pos_queue_size = 32
+    config.ssps.kmeans_clusters = 241  # the reference queue holds 15 steps x 16 = 240 rows
+    config.optim.lr_scale = 0.5  # without optim.lr_scale_from_epoch: never applies
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("the earlier run's\n")
+    with pytest.raises(
+        config_lib.ConfigError, match=r"config\.ssps\.kmeans_clusters: 241 clusters for a reference queue"
+    ):
+        train_lib.train(config, workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]
+    assert (workdir / "config.json").read_text() == "the earlier run's\n"
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: " + config_lib.ineffective_settings(config)[0]]
+    assert warnings[0].startswith("warning: config.optim.lr_scale: 0.5 never applies")
 
 
 def test_cli_rejects_unknown_config_keys(tmp_path):

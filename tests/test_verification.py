@@ -14,7 +14,7 @@ from data_pipelines.errors import ConfigError
 from ssps_jax import sharding
 from ssps_jax import train as train_lib
 from ssps_jax.evaluate import evaluate
-from ssps_jax.evaluation import verification
+from ssps_jax.evaluation import metrics, verification
 from ssps_jax.evaluation.embedding import Embedder, bucket_lengths
 from ssps_jax.features import LogMelConfig
 from ssps_jax.models.ecapa_tdnn import ECAPATDNN
@@ -136,7 +136,16 @@ def test_normalised_scores_equal_the_formulas_and_metrics_have_intervals(tmp_pat
     assert written["results"] == results and written["ci"]["confidence"] == 0.95
     for kind in ("cosine", "s-norm", "as-norm"):
         m = written["results"]["list_a"][kind]
-        assert set(m) == {"eer", "eer_ci", "min_dcf_0.01", "min_dcf_0.01_ci", "min_dcf_0.05", "min_dcf_0.05_ci"}
+        assert set(m) == {
+            "eer",
+            "eer_ci",
+            "min_dcf_0.01",
+            "min_dcf_0.01_ci",
+            "min_dcf_0.05",
+            "min_dcf_0.05_ci",
+            "eer_threshold",
+        }
+        assert m["eer_threshold"] == metrics.eer_threshold(scores["list_a"][kind], verifier.lists[0].labels)
         for name in ("eer", "min_dcf_0.01", "min_dcf_0.05"):
             low, high = m[f"{name}_ci"]
             assert low - 1e-9 <= m[name] <= high + 1e-9 and low < high

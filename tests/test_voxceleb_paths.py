@@ -1,14 +1,15 @@
 """VoxCeleb layouts: relative config paths follow data.base_dir, and make-csv leaves out trial-list speakers.
 
-The pod command of the README (`--config.data.base_dir=/mnt/shared/data` on a
+The pod command of docs/pods.md (`--config.data.base_dir=DATA` on a
 VoxCeleb config) runs here against a fake layout built from the demo corpus;
 training itself is replaced by a function that records the config it would
-read its data with.
+read its data with, and stops once config.json is written.
 """
 
 import csv
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import SMALL_CORPUS
@@ -27,7 +28,7 @@ class _Stop(Exception):
 
 
 def _voxceleb_layout(demo_dir: Path, data: Path) -> Path:
-    """<data>/ as README "VoxCeleb from a manual download" lays it out, holding the demo corpus."""
+    """<data>/ as docs/data.md "VoxCeleb from a manual download" lays it out, holding the demo corpus."""
     data.mkdir()
     for name in ("demo", "musan_split", "simulated_rirs"):
         (data / name).symlink_to(demo_dir / name)
@@ -37,14 +38,28 @@ def _voxceleb_layout(demo_dir: Path, data: Path) -> Path:
 
 
 def _train(argv, monkeypatch) -> list:
-    """Runs `ssps-jax train argv` up to where it reads the train data; returns the config it reads it with."""
+    """Runs `ssps-jax train argv` with the data, model, evaluator, input pipeline and checkpoints faked, up to where
+    config.json is written (after everything that can refuse the run); returns the config it read its data with."""
     used = []
 
     def load_source(config):
         used.append(config)
+        return range(config.data.train_size)
+
+    def save_then_stop(*args):
+        save_config(*args)
         raise _Stop
 
+    save_config = train_lib.save_config
+    no_checkpoints = SimpleNamespace(restore_newest=lambda *a, **k: None, close=lambda: None)
     monkeypatch.setattr(train_lib, "_load_source", load_source)
+    monkeypatch.setattr(train_lib.input_pipeline, "train_labels", lambda data, size: None)
+    monkeypatch.setattr(train_lib, "build", lambda *a, **k: (SimpleNamespace(steps_per_epoch=1, model=None), None))
+    monkeypatch.setattr(train_lib.verification, "make_trial_evaluator", lambda *a: None)
+    monkeypatch.setattr(train_lib.input_pipeline, "train_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(train_lib.input_pipeline, "make_iterator", lambda *a, **k: None)
+    monkeypatch.setattr(train_lib.checkpoint, "Checkpointer", lambda *a, **k: no_checkpoints)
+    monkeypatch.setattr(train_lib, "save_config", save_then_stop)
     with pytest.raises(_Stop):
         cli.main(["train", *argv])
     return used
@@ -95,12 +110,24 @@ def _voxceleb_config(base_dir: Path):
 def test_resolution_keeps_absolute_and_existing_relative_paths(demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo_data").symlink_to(demo_dir)
-    demo = config_lib.use_demo(config_lib.base_config())  # demo_data/demo_train.csv, base_dir demo_data
+    demo = config_lib.use_demo(config_lib.base_config())  # demo_train.csv under base_dir demo_data
     config_lib.validate(demo)
     resolved = config_lib.resolve_paths(demo)
     assert resolved.data.train_csv == "demo_data/demo_train.csv"
     assert resolved.eval.trials == ("demo_data/demo_trials.txt",)
-    assert demo.data.train_csv == "demo_data/demo_train.csv"  # a copy: the config itself is unchanged
+    assert demo.data.train_csv == "demo_train.csv"  # a copy: the config itself is unchanged
+    # A path that exists as given is kept, not joined to base_dir again.
+    demo.data.train_csv = "demo_data/demo_train.csv"
+    assert config_lib.resolve_paths(demo).data.train_csv == "demo_data/demo_train.csv"
+
+    # The demo configs follow data.base_dir: a corpus elsewhere, named once (README's tour).
+    (tmp_path / "demo_data").unlink()
+    moved = config_lib.use_demo(config_lib.base_config())
+    moved.data.base_dir = str(demo_dir)
+    config_lib.validate(moved)
+    resolved = config_lib.resolve_paths(moved)
+    assert resolved.data.train_csv == str(demo_dir / corpus.TRAIN_CSV)
+    assert resolved.eval.trials == (str(demo_dir / corpus.TRIALS),)
 
     absolute = _voxceleb_config(tmp_path / "elsewhere")
     absolute.data.train_csv = str(demo_dir / corpus.TRAIN_CSV)

@@ -1,14 +1,14 @@
-"""The README's "VoxCeleb from a manual download" commands, run as written on a miniature VoxCeleb.
+"""docs/data.md's "VoxCeleb from a manual download" commands, run as written on a miniature VoxCeleb.
 
 The downloads are built as they unpack, under downloads/ of a folder that
 stands for the repository's (its configs/ is the repository's): VoxCeleb1's `wav/` (16 kHz WAV),
 VoxCeleb2 dev's `dev/aac/` (AAC in .m4a, encoded here with PyAV), the
 trial lists `veri_test2.txt`, `list_test_all2.txt`, `list_test_hard2.txt`
 (paths relative to VoxCeleb1's wav/), MUSAN's `musan/` and RIRS_NOISES'
-`RIRS_NOISES/simulated_rirs/`. The README's bash block is then run by bash in
+`RIRS_NOISES/simulated_rirs/`. The doc's bash block is then run by bash in
 that folder, with one change: `ssps-jax train` gets overrides appended that
 shrink the paper's model and batch to 2 CPU steps (every other command runs
-exactly as the README prints it).
+exactly as the doc prints it).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _speaker_tree(root: Path, prefix: int, speakers: int, sessions: int, utteran
 
 
 def miniature_voxceleb_downloads(folder: Path) -> None:
-    """The VoxCeleb, MUSAN and RIRS_NOISES archives of the README, unpacked in `folder`, in miniature."""
+    """The VoxCeleb, MUSAN and RIRS_NOISES archives of docs/data.md, unpacked in `folder`, in miniature."""
     rng = np.random.default_rng(0)
     _speaker_tree(folder / "dev" / "aac", 12, 4, 2, 2, audio_io.write_m4a, "m4a", rng)  # VoxCeleb2 dev: 16 files
     test = _speaker_tree(folder / "wav", 10270, 3, 2, 2, audio_io.write_wav, "wav", rng)  # VoxCeleb1: 12 files
@@ -83,9 +83,9 @@ def miniature_voxceleb_downloads(folder: Path) -> None:
 
 
 def readme_voxceleb_commands() -> str:
-    """The bash block of README's "VoxCeleb from a manual download" section."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### VoxCeleb from a manual download", 1)[1]
+    """The bash block of docs/data.md's "VoxCeleb from a manual download" section."""
+    readme = (ROOT / "docs" / "data.md").read_text()
+    section = readme.split("## VoxCeleb from a manual download", 1)[1]
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 

@@ -8,10 +8,11 @@ count matters). MFU = FLOPs / step time / the device's dense peak (PEAK_FLOPS;
 ssps_jax/hardware.py; unknown on CPU, where only FLOP/s are printed).
 
 Cross-check: an analytic count of the Conv and Dense layers (2 x multiply-adds
-at the shapes they are called with, traced, `matmul_flops`) x 3 for forward +
-backward of the trained views, + 1 forward of the reference crop; everything
-else (mel front end, BatchNorm, loss, optimizer) is in the counted figure
-only, so counted / analytic is a little above 1.
+at the shapes they are called with, traced, `matmul_flops`) of the method's
+own step parts: its target forward once (DINO's teacher, MoCo's key network),
+its trained forward x 3 (forward + backward), + 1 forward of the reference
+crop with SSPS; everything else (mel front end, BatchNorm, loss, optimizer)
+is in the counted figure only, so counted / analytic is a little above 1.
 
 Where the counted figure is implausible -- below half the analytic count,
 which happens on GPUs, where convolutions run as cuDNN custom calls that
@@ -26,6 +27,8 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+
+from ssps_jax.sharding import DATA
 
 
 def counted_flops(compiled, key: str = "flops") -> float | None:
@@ -88,21 +91,31 @@ def matmul_flops(fn, *args) -> int:
     return total
 
 
-def analytic_step_flops(model, state, batch: dict, method: str, reference_variables: dict | None) -> int:
-    """Conv + Dense FLOPs of one step on the global batch (see the module docstring); with SSPS
-    (`reference_variables`: the variables y^ is computed with, the teacher's for DINO) the reference forward."""
-    student = {"params": state.params, "batch_stats": state.batch_stats}
-    if method == "dino":
-        teacher = matmul_flops(lambda v, g: model.apply(v, g), state.method_state["teacher"], batch["global_views"])
-        trained = matmul_flops(
-            lambda v, g, loc: model.apply(v, g, loc, False, method=type(model).student),
-            student,
-            batch["global_views"],
-            batch["local_views"],
-        )
-        total = teacher + 3 * trained
-    else:
-        total = 3 * matmul_flops(lambda v, x: model.apply(v, x), student, batch["views"])
+def _as_one_device(fn):
+    """fn(state, batch) as the train step runs it, with the global batch on one device: its collectives
+    (BatchNorm's, the losses') over a `data` axis of size 1."""
+
+    def call(state, batch):
+        return jax.vmap(fn, in_axes=(None, 0), axis_name=DATA)(state, jax.tree.map(lambda x: x[None], batch))
+
+    return call
+
+
+def analytic_step_flops(run, state, batch: dict, reference_variables: dict | None) -> int:
+    """Conv + Dense FLOPs of one step of `run` (a build.Run) on the global batch (see the module docstring); with
+    SSPS (`reference_variables`: the variables y^ is computed with, the teacher's for DINO) the reference forward."""
+    method, model = run.method, run.model
+    settings = method.settings(run.config, run.steps_per_epoch, run.total_steps)
+    rng = jax.random.PRNGKey(0)
+
+    def target(s, b):
+        return method.target(s, b, model=model, settings=settings)
+
+    def trained(s, b):
+        variables = {"params": s.params, "batch_stats": s.batch_stats}
+        return method.forward(variables, b, rng, model=model, settings=settings)
+
+    total = matmul_flops(_as_one_device(target), state, batch) + 3 * matmul_flops(_as_one_device(trained), state, batch)
     if reference_variables is not None:
         total += matmul_flops(
             lambda v, r: model.apply(v, r, method=type(model).embed), reference_variables, batch["reference"]

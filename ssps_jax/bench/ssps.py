@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssps_jax import sharding
 from ssps_jax.bench.timing import devices_line, median_seconds
-from ssps_jax.ssps import sampling
+from ssps_jax.ssps import lifecycle, sampling
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.ssps.clustering import make_cluster_fn
 from ssps_jax.ssps.lifecycle import SSPS
@@ -41,12 +41,17 @@ class Sizes:
     sampling: str
     queue_dtype: str
 
+    @property
+    def clustered(self) -> bool:
+        """Whether the sampler needs k-means (else its reference queue is aligned with Q')."""
+        return sampling.get(self.sampling).clustered
+
 
 def random_queues(mesh, sizes: Sizes, seed: int = 0) -> SSPSState:
     """Full queues of random unit vectors, a random clustering; in the training layout on `mesh`."""
     b = sizes.batch
     ref_rows, pos_rows = sizes.n - sizes.n % b, sizes.queue - sizes.queue % b
-    if sizes.sampling == "knn":
+    if not sizes.clustered:
         ref_rows = pos_rows
     empty = init_ssps_state(
         mesh,
@@ -123,7 +128,7 @@ def run(sizes: Sizes, repeats: int = 3, steps: int = 20, seed: int = 0) -> dict:
     queue_bytes = sum(x.nbytes for x in (state.ref_index, state.ref_emb, state.pos_index, state.pos_emb))
     result["queue_mib_per_device"] = queue_bytes / mesh.size / 2**20
 
-    if sizes.sampling != "knn":
+    if sizes.clustered:
         cluster = make_cluster_fn(mesh, sizes.iterations, sizes.neighbours)
         key = jax.random.PRNGKey(seed)
 
@@ -190,7 +195,7 @@ def main(args) -> None:
         queue=args.queue,
         iterations=args.iterations,
         neighbours=args.neighbours,
-        sampling=args.sampling,
+        sampling=args.sampling or lifecycle.default_config()["sampling"],
         queue_dtype=args.queue_dtype,
     )
     result = run(sizes, repeats=args.repeats, steps=args.steps)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import input_pipeline
-from ssps_jax import methods, sharding
+from ssps_jax import device_augment, methods, sharding
 from ssps_jax.bench.ssps import Sizes, random_queues
 from ssps_jax.ssps import step as ssps_step
 
@@ -29,7 +30,11 @@ def synthetic_batch(config: ml_collections.ConfigDict, mesh, dataset_size: int, 
 
     def make():
         keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes) + 1)
-        out = {name: 0.1 * jax.random.normal(key, shape) for key, (name, (shape, _)) in zip(keys, shapes.items())}
+        out = {}
+        for key, (name, (shape, dtype)) in zip(keys, shapes.items()):
+            x = 0.1 * jax.random.normal(key, shape)
+            # data.augment.on = "device": int16 PCM crops, noises and RIRs (and float32 SNRs) for the step to augment
+            out[name] = (x * device_augment.PCM_SCALE).astype(jnp.int16) if dtype == np.int16 else x
         batch = config.train.global_batch_size
         out["index"] = jax.random.choice(keys[-1], dataset_size, (batch,), replace=False).astype(jnp.int32)
         return out
@@ -58,6 +63,7 @@ def make_reference_embed(model, mesh):
     """(variables, reference crops) -> y^: the SSPS step's reference forward as a program of its own."""
 
     def embed(v, reference):
+        reference = device_augment.waveform(reference)  # int16 with data.augment.on = "device"
         return ssps_step.normalise(model.apply(v, reference, method=type(model).embed))
 
     data = P(sharding.DATA)

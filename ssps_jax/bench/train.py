@@ -133,7 +133,7 @@ def run(
         sampling=s.sampling,
         queue_dtype=s.queue_dtype,
     )
-    if sizes.queue > n or (s.sampling != "knn" and k > n - n % batch_size):
+    if sizes.queue > n or (sizes.clustered and k > n - n % batch_size):
         raise ValueError(f"N {n} is too small for Q' {sizes.queue} and K {k}")
 
     result = {
@@ -166,7 +166,7 @@ def run(
     result["queue_mib_per_device"] = (queue_bytes + state.ssps.pos_emb.nbytes) / mesh.size / 2**20
 
     # One k-means run: the epoch's clustering, which also makes the steps below sample for real.
-    if s.sampling != "knn":
+    if sizes.clustered:
         state, figures = _cluster_once(run, state, seed)
         result.update(figures)
 
@@ -211,9 +211,7 @@ def run(
     result["coverage"] = float(np.mean([_local_mean(m["ssps/coverage"]) for m in metrics["ssps_step"]]))
     result["loss_finite"] = bool(np.isfinite(_local_mean(metrics["ssps_step"][-1]["loss"])))
     result["samples_per_s"] = batch_size / result["ssps_step_s"]
-    result["analytic_flops_per_device"] = (
-        analytic_step_flops(model, state, batch, config.method, run.eval_variables(state)) / mesh.size
-    )
+    result["analytic_flops_per_device"] = analytic_step_flops(run, state, batch, run.eval_variables(state)) / mesh.size
 
     # SSPS sampling + queue writes alone (bench/ssps.py's program), at the same sizes, in the clustered
     # epoch so that it samples; it takes the queues (donated): the train state is done with after this.

@@ -75,6 +75,19 @@ def from_rates(fpr: np.ndarray, fnr: np.ndarray, p_targets=P_TARGETS) -> dict[st
     return dict(zip(metric_names(p_targets), values))
 
 
+def eer_threshold(scores, labels) -> float:
+    """The decision threshold at the EER: accepting score >= it gives the operating point at or just past the
+    crossing of FNR and FPR. Every threshold between the score below that point's and its own gives it; this
+    is the one halfway (just above the largest score when the point rejects everything).
+    """
+    fpr, fnr = operating_points(scores, labels)
+    distinct = np.unique(np.asarray(scores, np.float64))  # point i >= 1 rejects the i smallest distinct scores
+    k = int(np.argmax(fnr - fpr >= 0))  # >= 1: point 0 accepts everything (FNR 0, FPR 1)
+    if k == len(distinct):
+        return float(np.nextafter(distinct[-1], np.inf))
+    return float((distinct[k - 1] + distinct[k]) / 2)
+
+
 def eer(scores, labels) -> float:
     return float(eer_from_rates(*operating_points(scores, labels)))
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 import numpy as np
+from etils import epath
 from scipy.stats import norm
 
 from ssps_jax.evaluation import metrics
@@ -13,7 +12,7 @@ from ssps_jax.evaluation import metrics
 _TICKS = np.array([0.1, 0.5, 1, 2, 5, 10, 20, 40, 60, 80, 90])  # %
 
 
-def compare(runs: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str) -> Path:
+def compare(runs: dict[str, tuple[np.ndarray, np.ndarray]], path: epath.PathLike, title: str) -> epath.Path:
     """Writes a PNG: DET curves (probit axes) of every run, and each run's target / non-target scores.
 
     runs: name -> (scores, labels) on the same trials.
@@ -45,7 +44,8 @@ def compare(runs: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, ti
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    path = epath.Path(path)
+    with path.open("wb") as f:  # matplotlib writes a file object: a gs:// path too
+        fig.savefig(f, format=path.suffix[1:] or "png", dpi=100)
     plt.close(fig)
     return path

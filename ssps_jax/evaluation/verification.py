@@ -33,16 +33,16 @@ import csv
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import soundfile as sf
+from etils import epath
 from jax.sharding import Mesh
 
-from data_pipelines import audio_io
+from data_pipelines import audio_io, paths
 from data_pipelines.errors import ConfigError, InputError
-from data_pipelines.manifests import read_trials
+from data_pipelines.manifests import csv_text, read_trials
 from ssps_jax import storage
 from ssps_jax.evaluation import metrics, scoring
 from ssps_jax.evaluation.embedding import Embedder, l2_normalise
@@ -52,9 +52,63 @@ NORMALISATIONS = ("s-norm", "as-norm")
 MIN_SECONDS = 0.1  # shorter test files are errors: too short to embed
 
 
-def trial_list_name(path: str | Path) -> str:
-    name = Path(path).name
+def trial_list_name(path: epath.PathLike) -> str:
+    name = epath.Path(path).name
     return name[: -len(".txt")] if name.endswith(".txt") else name
+
+
+def default_config() -> dict:
+    """`config.eval`: trial lists, when to evaluate, the embedding batches, score normalisation, CIs."""
+    return {
+        "trials": (),  # VoxCeleb-format trial lists; names are their file names
+        "base_dir": "",  # their paths are relative to it; "" means data.base_dir
+        "every_epochs": 1,  # 0: only when asked (ssps-jax evaluate)
+        "at_start": False,  # also evaluate the untrained encoder
+        "batch_size": 32,  # utterances per embedding batch, rounded up to the device count
+        "bucket_ratio": 1.25,  # padded lengths grow geometrically by this factor
+        "min_bucket_seconds": 2.0,
+        # Score normalisation reported beside the raw cosine (ssps_jax/evaluation/verification.py):
+        # "" (none), "s-norm", "as-norm" or both, comma-separated ("s-norm,as-norm").
+        "score_norm": "",
+        # The cohort: this many data.train_csv utterances drawn with eval.seed (all of them if fewer).
+        # sslsv uses every train utterance: for VoxCeleb2, 1.09 M crops (1,200 h of audio) to embed at each
+        # evaluation and 4.5 GB of float64 embeddings at D = 512; 20,000 cover ~96% of its 5,994 speakers.
+        "cohort_size": 20000,
+        "cohort_seconds": 4.0,  # one crop per cohort utterance at a random start (sslsv's frame_length 64000); 0: whole
+        "cohort_top_k": 300,  # AS-Norm: highest cohort scores per utterance (sslsv's score_norm_cohort_size)
+        "bootstrap": 1000,  # resamples of the trials for the confidence intervals of EER and minDCF
+        "confidence": 0.95,  # their level
+        "seed": 0,  # cohort draw, crops and bootstrap: not the training seed, so runs compare on one cohort
+    }
+
+
+def validate(e: ml_collections.ConfigDict, fail) -> None:
+    """Checks `config.eval` but its files (config.validate resolves and checks the trial lists);
+    `fail(key, message)` raises."""
+    if e.bucket_ratio <= 1:
+        fail("eval.bucket_ratio", f"must be > 1, got {e.bucket_ratio}")
+    if e.batch_size < 1:
+        fail("eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    validate_scoring(e, fail)
+
+
+def validate_scoring(e: ml_collections.ConfigDict, fail) -> None:
+    """The score normalisation and confidence-interval keys of `config.eval` (also run by `ssps-jax evaluate`)."""
+    norms = score_norms(e.score_norm)
+    if unknown := [n for n in norms if n not in NORMALISATIONS]:
+        fail("eval.score_norm", f"unknown normalisation {unknown[0]!r}: use {', '.join(NORMALISATIONS)} or ''")
+    if norms and e.cohort_size < 2:
+        fail("eval.cohort_size", f"must be >= 2 for {e.score_norm}, got {e.cohort_size}")
+    if "as-norm" in norms and not 1 < e.cohort_top_k <= e.cohort_size:
+        fail(
+            "eval.cohort_top_k", f"must be in [2, eval.cohort_size = {e.cohort_size}] for AS-Norm, got {e.cohort_top_k}"
+        )
+    if e.cohort_seconds < 0:
+        fail("eval.cohort_seconds", f"must be >= 0, got {e.cohort_seconds}")
+    if e.bootstrap < 1:
+        fail("eval.bootstrap", f"must be >= 1, got {e.bootstrap}")
+    if not 0 < e.confidence < 1:
+        fail("eval.confidence", f"must be in (0, 1), got {e.confidence}")
 
 
 def score_norms(value: str) -> tuple[str, ...]:
@@ -69,9 +123,9 @@ class TrialList:
     labels: np.ndarray  # (T,) int8: 1 target, 0 non-target
 
 
-def read_trial_lists(paths: list[str], base_dir: str | Path) -> tuple[list[str], list[TrialList]]:
+def read_trial_lists(lists: list[str], base_dir: epath.PathLike) -> tuple[list[str], list[TrialList]]:
     """(unique files, sorted; each list as index pairs into them). Every listed file must exist under base_dir."""
-    parsed = [(trial_list_name(p), read_trials(p, base_dir=base_dir)) for p in paths]
+    parsed = [(trial_list_name(p), read_trials(p, base_dir=base_dir)) for p in lists]
     files = sorted({f for _, trials in parsed for t in trials for f in (t.enrol, t.test)})
     row = {f: i for i, f in enumerate(files)}
     lists = []
@@ -81,10 +135,11 @@ def read_trial_lists(paths: list[str], base_dir: str | Path) -> tuple[list[str],
     return files, lists
 
 
-def audio_length(path: Path) -> int:
+def audio_length(path: epath.Path) -> int:
     """Samples of `path` at 16 kHz: from its header when it is 16 kHz and libsndfile reads it, else by decoding."""
     try:
-        info = sf.info(str(path))
+        with paths.readable(path) as source:
+            info = sf.info(source)
         frames = info.frames if info.samplerate == audio_io.SAMPLE_RATE else 0
     except (sf.LibsndfileError, RuntimeError, ValueError):
         frames = 0
@@ -95,10 +150,10 @@ def audio_length(path: Path) -> int:
     return frames
 
 
-def audio_lengths(paths: list[Path], threads: int = 8) -> list[int]:
-    """`audio_length` of every path, read in a thread pool (headers: I/O-bound)."""
+def audio_lengths(files: list[epath.Path], threads: int = 8) -> list[int]:
+    """`audio_length` of every file, read in a thread pool (headers: I/O-bound)."""
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(audio_length, paths))
+        return list(pool.map(audio_length, files))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,20 +161,19 @@ class Cohort:
     """Train utterances whose embeddings score the impostor statistics of S-Norm / AS-Norm."""
 
     files: list[str]  # relative to base_dir
-    base_dir: Path
+    base_dir: epath.Path
     crop: int  # samples; 0: whole utterances
     seed: int
 
     @classmethod
-    def draw(cls, train_csv: str | Path, base_dir: str | Path, size: int, seconds: float, seed: int) -> Cohort:
+    def draw(cls, train_csv: epath.PathLike, base_dir: epath.PathLike, size: int, seconds: float, seed: int) -> Cohort:
         """`size` files of the CSV's File column (all when it has fewer), drawn without replacement with `seed`."""
-        with open(train_csv, newline="") as f:
-            files = [row["File"] for row in csv.DictReader(f)]
+        files = [row["File"] for row in csv.DictReader(csv_text(train_csv))]
         rng = np.random.default_rng(seed)
         picked = [files[i] for i in np.sort(rng.choice(len(files), min(size, len(files)), replace=False))]
-        if missing := [f for f in picked if not (Path(base_dir) / f).is_file()]:  # fail now, not mid-evaluation
+        if missing := [f for f in picked if not (epath.Path(base_dir) / f).is_file()]:  # fail now, not mid-evaluation
             raise InputError(f"{train_csv}: {len(missing)} cohort file(s) not under {base_dir}, e.g. {missing[0]}")
-        return cls(picked, Path(base_dir), round(seconds * audio_io.SAMPLE_RATE), seed)
+        return cls(picked, epath.Path(base_dir), round(seconds * audio_io.SAMPLE_RATE), seed)
 
     def lengths(self, threads: int = 8) -> list[int]:
         """Upper bounds of the cropped lengths: the crop itself (no header read: one bucket), or the whole file's."""
@@ -139,7 +193,7 @@ class TrialEvaluator:
     def __init__(
         self,
         trial_paths: list[str],
-        base_dir: str | Path,
+        base_dir: epath.PathLike,
         embedder: Embedder,
         cohort: Cohort | None = None,
         normalisations: tuple[str, ...] = (),
@@ -152,7 +206,7 @@ class TrialEvaluator:
         if normalisations and cohort is None:
             raise ValueError(f"{normalisations} need a cohort")
         self.embedder = embedder
-        self.base_dir = Path(base_dir)
+        self.base_dir = epath.Path(base_dir)
         self.files, self.lists = read_trial_lists(trial_paths, base_dir)
         self.read_threads = read_threads
         self.lengths = audio_lengths([self.base_dir / f for f in self.files], read_threads)
@@ -201,7 +255,8 @@ class TrialEvaluator:
     def evaluate(self, variables) -> tuple[dict[str, dict], dict[str, dict[str, np.ndarray]]]:
         """Per trial list: {"trials": T, "cosine": metrics, each normalisation: metrics}, and the scores.
 
-        metrics: {"eer", "min_dcf_0.01", "min_dcf_0.05"} (fractions) and each one's "<name>_ci": [low, high].
+        metrics: {"eer", "min_dcf_0.01", "min_dcf_0.05"} (fractions), each one's "<name>_ci": [low, high], and
+        "eer_threshold", the score threshold at the EER (metrics.eer_threshold).
         `timings` then holds the seconds of each phase.
         """
         self.timings.clear()
@@ -218,15 +273,16 @@ class TrialEvaluator:
     def _metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, float | list[float]]:
         point = metrics.from_rates(*metrics.operating_points(scores, labels))
         ci = scoring.bootstrap_metrics(scores, labels, self.bootstrap, self.confidence, self.seed)
-        return {k: v for name in point for k, v in ((name, float(point[name])), (f"{name}_ci", list(ci[name])))}
+        out = {k: v for name in point for k, v in ((name, float(point[name])), (f"{name}_ci", list(ci[name])))}
+        return {**out, "eer_threshold": metrics.eer_threshold(scores, labels)}  # `ssps-jax score` decides with it
 
-    def write(self, out_dir: str | Path, results: dict, scores: dict, extra: dict | None = None) -> None:
+    def write(self, out_dir: epath.PathLike, results: dict, scores: dict, extra: dict | None = None) -> None:
         """Per trial list and score kind `<list>[.<norm>].scores.txt` ("score label enrol test"), then metrics.json.
 
         metrics.json is written last, so that its presence means the evaluation's outputs are complete
         (a resumed run evaluates again a step whose metrics.json is missing); a full disk stops with one line.
         """
-        out = Path(out_dir)
+        out = epath.Path(out_dir)
         with storage.writing(out, "evaluation results"):
             out.mkdir(parents=True, exist_ok=True)
             for t in self.lists:

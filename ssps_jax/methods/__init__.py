@@ -6,7 +6,7 @@ Adding a method: write methods/<name>.py with a `Method` subclass and its
 
 from __future__ import annotations
 
-from ssps_jax.methods import dino, moco, simclr, supervised, swav, vicreg
+from ssps_jax.methods import barlow_twins, byol, dino, moco, simclr, supervised, swav, vicreg
 from ssps_jax.methods.base import Method
 
 REGISTRY: dict[str, Method] = {
@@ -18,6 +18,8 @@ REGISTRY: dict[str, Method] = {
         supervised.METHOD,
         moco.METHOD,
         swav.METHOD,
+        byol.METHOD,
+        barlow_twins.METHOD,
     )
 }
 

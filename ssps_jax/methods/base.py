@@ -2,22 +2,36 @@
 
 A method is one module (methods/simclr.py, methods/dino.py, ...) exposing one
 `Method` object, registered by name in methods/__init__.py. Everything the
-build, the train step, SSPS, evaluation and the config validator need to know
-about a framework is asked of that object; nothing else branches on
-`config.method`.
+build, the train step, SSPS, evaluation, the config validator, the CLI, the
+demos, the benchmarks and the sslsv checkpoint converter need to know about
+a framework is asked of that object; nothing else branches on its name.
 
-The per-device step is the method's own (`Method.step`): it is called inside
-`jax.shard_map` with this device's slice of the global batch, reaches the other
-devices only through collectives over the `data` axis, and uses the shared
-pieces of ssps_jax/train_step.py (gradient averaging, y^ and pseudo-positives)
-so that every method is sharded, and gets SSPS, the same way.
+A method does not write its train step. It supplies the parts of one
+(`target`, `forward`, `online_positive`, `loss`, `update`), and
+ssps_jax/train_step.py runs them in one order for every method, per device
+inside `jax.shard_map`:
+
+  target    outputs of a network the gradient does not train (a teacher, a
+            momentum encoder), in training mode, or None;
+  y^, pseudo-positives    with SSPS (train_step.reference_and_positives);
+  forward   the trained networks on the batch, under the gradient;
+  loss      from the forward's outputs and the positive branch as used:
+            SSPS has replaced the pseudo-positives' anchors in it;
+  gradient  averaged over the mesh, one optimizer step;
+  update    the method's own state (EMA teacher, queues, centre);
+  enqueue   with SSPS, y^ and the original positive branch into the queues.
+
+The positive branch -- what SSPS replaces and the positive queue holds -- is
+the target's `Target.positive` when `target` returns one (DINO's teacher
+outputs, MoCo's keys), else `online_positive(outputs)` (SimCLR's z2). So a
+method never mentions the SSPS queues, and every method gets SSPS the same way.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,34 +46,39 @@ from ssps_jax.optim import make_optimizer
 Fail = Callable[[str, str], None]
 
 
-def check_kmeans_positive(config: ml_collections.ConfigDict, fail: Fail, section: str, what: str) -> None:
-    """Refuses SSPS 'kmeans' when its centroid (an encoder output) cannot stand where `what` (a projection) goes.
+class Target(NamedTuple):
+    """What a method computes outside the gradient before its loss (`Method.target`)."""
 
-    For methods whose `<section>` has an optional projector: with one, its output size must be the encoder's.
-    """
-    s = config[section]
-    if (
-        config.ssps.enabled
-        and config.ssps.sampling == "kmeans"
-        and s.projector
-        and s.projector_output_dim != config.model.encoder_dim
-    ):
-        fail(
-            "ssps.sampling",
-            f"'kmeans' puts a centroid of encoder outputs in place of {what}: "
-            f"needs {section}.projector_output_dim == model.encoder_dim",
-        )
+    positive: jax.Array  # (V, n, D) constants: the positive branch SSPS replaces and the positive queue holds
+    updates: Any = None  # the target network's new BatchNorm statistics ({"batch_stats": ...}), for `update`
+    extra: Any = None  # what else the loss and `update` need of this step (DINO: the teacher temperature)
 
 
 class Method(abc.ABC):
-    """A self-supervised framework: its model, optimizer, state, step and what SSPS queues for it."""
+    """A self-supervised framework: its config, model, optimizer, state, the parts of its step, and its names."""
 
     name: str  # config.method, and the name of its config section
+    title: str  # how tables and logs write it ("SimCLR")
     summary: str  # its config section in one line (`ssps-jax train --help`)
     crop_mode: str  # which views data_pipelines.crops makes for it: "siamese" (2 crops) or "dino" (multi-crop)
     # Trained on speaker labels (the supervised baseline): `build` refuses a train split without them and
     # adds `label_state(config, speaker id of every dataset index)` to the method's state.
     needs_labels: bool = False
+    # Its demo config under configs/ (`ssps-jax demo-methods`): with SSPS enabled, so that the demo trains it
+    # with and without; None: no demo.
+    demo_config: str | None = None
+    # sslsv's names for what it holds beside the model (ssps_jax/sslsv_checkpoint.py):
+    # the method-state entry that is a momentum copy of the model, and the sslsv names of its top-level modules;
+    sslsv_momentum: tuple[str, dict[str, str]] | None = None
+    # method-state arrays sslsv holds as a buffer of another shape (entry -> sslsv key);
+    sslsv_buffers: dict[str, str] = {}
+    # sslsv buffers an import leaves out (started fresh: their layout and write position are sslsv's own);
+    sslsv_not_imported: tuple[str, ...] = ()
+    # the config fields that size each top-level module (sslsv's names, which are ours; also a method state
+    # entry by its name): for the error of a checkpoint or an sslsv file of other sizes.
+    sslsv_sizes: dict[str, str] = {}
+
+    # -- config ------------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def default_config(self) -> dict:
@@ -72,6 +91,8 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def validate(self, config: ml_collections.ConfigDict, fail: Fail) -> None:
         """Checks its own section, and what it cannot do with the rest of the config."""
+
+    # -- the run -----------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> nn.Module:
@@ -115,23 +136,48 @@ class Method(abc.ABC):
     def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
         """(views, dimension) of the positive-branch embeddings SSPS queues and replaces."""
 
+    def reference_misfit(self, config: ml_collections.ConfigDict) -> str | None:
+        """Why an embedding of y^'s space (an encoder output; SSPS 'kmeans' puts a centroid of them there) cannot
+        stand in the positive branch, or None when it can."""
+        dim = self.positive_shape(config)[1]
+        return None if dim == config.model.encoder_dim else f"a {dim}-dimensional positive branch"
+
     def eval_variables(self, state) -> dict:
-        """The variables evaluation and y^ embed with."""
+        """The variables evaluation embeds with, and SSPS computes y^ with."""
         return {"params": state.params, "batch_stats": state.batch_stats}
 
+    # -- the parts of its step (per device, inside shard_map; ssps_jax/train_step.py runs them) -----------------
+
+    def target(self, state, batch: dict, *, model: nn.Module, settings) -> Target | None:
+        """What a network the gradient does not train computes for this batch (teacher, momentum encoder)."""
+        del state, batch, model, settings
+        return None
+
     @abc.abstractmethod
-    def step(self, state, batch: dict, rng: jax.Array, *, model: nn.Module, tx, settings, ssps) -> tuple[Any, dict]:
-        """One step on this device's examples (inside shard_map); `ssps` is None without SSPS."""
+    def forward(self, variables: dict, batch: dict, rng: jax.Array, *, model: nn.Module, settings) -> tuple[Any, Any]:
+        """The trained networks on this device's batch, in training mode: (outputs, new batch_stats).
 
+        `rng` is this device's key of the step, for stochastic layers.
+        """
 
-def projector_dims(section: ml_collections.ConfigDict) -> tuple[int, int] | None:
-    """(hidden, output) of a method section's optional projector (`projector`, `projector_*_dim` keys)."""
-    return (section.projector_hidden_dim, section.projector_output_dim) if section.projector else None
+    def online_positive(self, outputs) -> jax.Array | None:
+        """(V, n, D): the positive branch among the forward's outputs, when `target` gives none; None: no
+        positive branch (SSPS does not apply)."""
+        del outputs
+        return None
 
+    @abc.abstractmethod
+    def loss(
+        self, outputs, positive, *, variables: dict, state, batch: dict, target: Target | None, model, settings
+    ) -> tuple[jax.Array, dict]:
+        """(this device's loss, its per-device metrics) from the forward's outputs and the positive branch as
+        used (V, n, D); the train step averages both over the mesh. `variables` are the forward's."""
 
-def output_dim(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict) -> int:
-    """The dimension of what a method with an optional projector compares: the projector's, else the encoder's."""
-    return section.projector_output_dim if section.projector else config.model.encoder_dim
+    def update(self, state, params, outputs, positive, target: Target | None, *, settings) -> tuple[Any, dict]:
+        """(the method state after the step, metrics that are the same on every device), given the new
+        parameters, the forward's outputs and the positive branch the loss used."""
+        del params, outputs, positive, target, settings
+        return state.method_state, {}
 
 
 def crop_samples(seconds: float) -> int:

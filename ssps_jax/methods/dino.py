@@ -24,7 +24,6 @@ Evaluation embeds with the teacher encoder.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -32,13 +31,13 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.methods.base import Fail, Method, Target, views_input
+from ssps_jax.methods.common import ema, momentum_tau, validate_momentum
 from ssps_jax.models import build_encoder
-from ssps_jax.models.layers import batch_norm, torch_default_init
+from ssps_jax.models.heads import WeightNormDense
+from ssps_jax.models.layers import batch_norm
 from ssps_jax.optim import make_optimizer
 from ssps_jax.sharding import DATA
-from ssps_jax.ssps import step as ssps_step
-from ssps_jax.train_step import apply_gradients, reference_and_positives
 
 
 def _wide(x: jnp.ndarray) -> jnp.ndarray:
@@ -48,23 +47,6 @@ def _wide(x: jnp.ndarray) -> jnp.ndarray:
 
 # sslsv's DINOHead initialises its MLP with trunc_normal(std=0.02), biases zero.
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
-
-
-class WeightNormDense(nn.Module):
-    """Linear layer without bias whose weight rows have unit norm (weight_norm with g fixed at 1).
-
-    sslsv: nn.utils.weight_norm(nn.Linear(..., bias=False)) with weight_g filled with 1
-    and frozen, so the effective weight is v / ||v|| per output unit.
-    """
-
-    features: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        v = self.param("weight_v", torch_default_init, (x.shape[-1], self.features))  # (in, out)
-        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
-        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
 
 class DINOProjector(nn.Module):
@@ -154,22 +136,12 @@ def update_center(center: jnp.ndarray, teacher: jnp.ndarray, momentum: float, ax
     return momentum * center + (1 - momentum) * mean
 
 
-def teacher_momentum(step: jnp.ndarray, total_steps: int, start: float = 0.996, end: float = 1.0) -> jnp.ndarray:
-    """tau from `start` to `end` by a half cosine over training (sslsv's MomentumUpdater)."""
-    return end - (end - start) * (jnp.cos(math.pi * step / total_steps) + 1) / 2
-
-
 def teacher_temperature(epoch: jnp.ndarray, final: float, warmup: float, warmup_epochs: int) -> jnp.ndarray:
     """Linear warm-up from `warmup` to `final` over `warmup_epochs` epochs (linspace per epoch), then `final`."""
     if warmup_epochs <= 1:
         return jnp.where(epoch < warmup_epochs, warmup, final)
     ramp = warmup + (final - warmup) * epoch / (warmup_epochs - 1)
     return jnp.where(epoch < warmup_epochs, ramp, final)
-
-
-def ema(teacher, student, tau: jnp.ndarray):
-    """teacher <- tau teacher + (1 - tau) student, leaf by leaf."""
-    return jax.tree.map(lambda t, s: tau * t + (1 - tau) * s, teacher, student)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +159,16 @@ class DINOSettings:
 
 class DINOMethod(Method):
     name = "dino"
+    title = "DINO"
     summary = "DINO: head sizes, student/teacher temperatures, teacher EMA, frozen last layer"
+    demo_config = "demo_dino_ssps.py"
+    sslsv_momentum = ("teacher", {"encoder": "encoder_momentum", "head": "head_momentum"})
+    sslsv_buffers = {"center": "loss_fn.center"}
+    sslsv_sizes = {
+        "head": "dino.head_hidden_dim / head_bottleneck_dim / head_output_dim",
+        "loss_fn": "dino.head_hidden_dim / head_bottleneck_dim / head_output_dim",
+        "center": "dino.head_output_dim",  # the loss's centre, method state of its own
+    }
     crop_mode = "dino"
 
     def default_config(self) -> dict:
@@ -225,17 +206,13 @@ class DINOMethod(Method):
         for key in ("student_temperature", "teacher_temperature", "teacher_temperature_warmup"):
             if d[key] <= 0:
                 fail(f"dino.{key}", f"must be > 0, got {d[key]}")
-        for key in ("center_momentum", "start_tau", "end_tau"):
-            if not 0 <= d[key] <= 1:
-                fail(f"dino.{key}", f"must be in [0, 1], got {d[key]}")
-        if d.start_tau > d.end_tau:
-            fail("dino.start_tau", f"{d.start_tau} is above end_tau {d.end_tau}")
+        validate_momentum("dino", d, fail)
+        if not 0 <= d.center_momentum <= 1:
+            fail("dino.center_momentum", f"must be in [0, 1], got {d.center_momentum}")
         if d.freeze_last_layer_epochs < 0 or d.teacher_temperature_warmup_epochs < 0:
             fail("dino", "freeze_last_layer_epochs and teacher_temperature_warmup_epochs must be >= 0")
         if config.data.crops.global_count < 1:
             fail("data.crops.global_count", f"DINO needs global views, got {config.data.crops.global_count}")
-        if config.ssps.enabled and config.ssps.sampling == "kmeans":
-            fail("ssps.sampling", "'kmeans' puts a centroid of encoder outputs in place of a DINO head output")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> DINO:
         d = config.dino
@@ -277,54 +254,49 @@ class DINOMethod(Method):
         """Both teacher outputs of the global views."""
         return config.data.crops.global_count, config.dino.head_output_dim
 
+    def reference_misfit(self, config: ml_collections.ConfigDict) -> str | None:
+        return "a DINO head output"  # logits over the head's K outputs, not an embedding
+
     def eval_variables(self, state) -> dict:
         return state.method_state["teacher"]
 
-    def step(self, state, batch, rng, *, model, tx, settings: DINOSettings, ssps=None):
-        """One DINO (or DINO-SSPS) step on this device's examples (call inside shard_map)."""
+    def target(self, state, batch, *, model, settings: DINOSettings):
+        """The teacher's (training-mode) head outputs of the global views (G, n, K), and this epoch's teacher
+        temperature."""
         s = settings
-        teacher, center = state.method_state["teacher"], state.method_state["center"]
         epoch = state.step // s.steps_per_epoch
-        teacher_out, teacher_updates = model.apply(teacher, batch["global_views"], train=True, mutable=["batch_stats"])
-        teacher_out = lax.stop_gradient(teacher_out)  # (G, n, K)
-        used = teacher_out
-        metrics = {}
-        if ssps is not None:
-            y_ref, positives, mask, metrics = reference_and_positives(model, teacher, state, batch, rng, ssps)
-            used = jnp.where(mask[None, :, None], positives.astype(teacher_out.dtype), teacher_out)
+        teacher = state.method_state["teacher"]
+        teacher_out, updates = model.apply(teacher, batch["global_views"], train=True, mutable=["batch_stats"])
         temperature = teacher_temperature(
             epoch, s.teacher_temperature, s.teacher_temperature_warmup, s.teacher_temperature_warmup_epochs
         )
+        return Target(lax.stop_gradient(teacher_out), updates, temperature)
 
-        def loss_fn(params):
-            student_out, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                batch["global_views"],
-                batch["local_views"],
-                method=type(model).student,
-                mutable=["batch_stats"],
-            )
-            loss = dino_loss(student_out, used, center, s.student_temperature, temperature)
-            return loss, updates["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
-        tau = teacher_momentum(state.step, s.total_steps, s.start_tau, s.end_tau)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            method_state={
-                "teacher": {"params": ema(teacher["params"], params, tau), **teacher_updates},
-                "center": update_center(center, used, s.center_momentum, DATA),
-            },
+    def forward(self, variables, batch, rng, *, model, settings):
+        """The student's head outputs of every view (G + L, n, K)."""
+        student_out, updates = model.apply(
+            variables,
+            batch["global_views"],
+            batch["local_views"],
+            method=type(model).student,
+            mutable=["batch_stats"],
         )
-        if ssps is not None:
-            queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, teacher_out)
-            new_state = new_state.replace(ssps=queues)
-        metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm, tau=tau, teacher_temperature=temperature)
-        return new_state, metrics
+        return student_out, updates["batch_stats"]
+
+    def loss(self, outputs, positive, *, state, target, settings: DINOSettings, **_):
+        center = state.method_state["center"]
+        return dino_loss(outputs, positive, center, settings.student_temperature, target.extra), {}
+
+    def update(self, state, params, outputs, positive, target, *, settings: DINOSettings):
+        """The teacher's EMA step, and the centre from the teacher outputs the loss used."""
+        s = settings
+        teacher, center = state.method_state["teacher"], state.method_state["center"]
+        tau = momentum_tau(state.step, s.total_steps, s.start_tau, s.end_tau)
+        method_state = {
+            "teacher": {"params": ema(teacher["params"], params, tau), **target.updates},
+            "center": update_center(center, positive, s.center_momentum, DATA),
+        }
+        return method_state, {"tau": tau, "teacher_temperature": target.extra}
 
 
 METHOD = DINOMethod()

@@ -1,7 +1,7 @@
 """MoCo v2+ (Chen et al., 2020) for speaker embeddings, as sslsv trains it (docs/method.md §6.5).
 
-The query network is SimCLR's model (encoder + optional projector, each view
-in its own call); the key network has the same module tree and its own
+The query network is the siamese model (methods/common.py: encoder +
+optional projector, each view in its own call); the key network has the same module tree and its own
 variables in the method state (`momentum`): an EMA of the query parameters
 (tau constant at start_tau unless `tau_scheduler`), with BatchNorm
 statistics of its own, updated by its training-mode passes, as sslsv's
@@ -34,17 +34,17 @@ import ml_collections
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, views_input
-from ssps_jax.methods.dino import ema, teacher_momentum
-from ssps_jax.methods.simclr import SimCLR, siamese_model
+from ssps_jax.methods.base import Fail, Target
+from ssps_jax.methods.common import (
+    SiameseMethod,
+    ema,
+    gathered,
+    momentum_tau,
+    normalise,
+    output_dim,
+    validate_momentum,
+)
 from ssps_jax.sharding import DATA
-from ssps_jax.ssps import step as ssps_step
-from ssps_jax.train_step import apply_gradients, reference_and_positives
-
-
-def _normalise(x: jnp.ndarray) -> jnp.ndarray:
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def moco_loss(
@@ -63,11 +63,7 @@ def moco_loss(
     """
     n = query.shape[0]
     negatives = lax.stop_gradient(queue).reshape(-1, queue.shape[-1]).astype(query.dtype)
-    if axis_name is None:
-        everyone, offset = query, 0
-    else:
-        everyone = lax.all_gather(query, axis_name, tiled=True)  # (N, D), device blocks in order
-        offset = lax.axis_index(axis_name) * n
+    everyone, offset = gathered(query, axis_name)  # (N, D)
     shard_lse = jax.nn.logsumexp(everyone @ negatives.T / temperature, axis=1)  # (N,) over this shard
     if axis_name is not None:
         shard_lse = jax.nn.logsumexp(lax.all_gather(shard_lse, axis_name), axis=0)  # over all shards
@@ -79,7 +75,7 @@ def moco_loss(
 def initial_queue(seed: int, capacity: int, global_batch: int, dim: int) -> jnp.ndarray:
     """(2, capacity / G, G, D) random unit rows, as sslsv starts its queue."""
     rows = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 0x30C0), (2, capacity, dim))
-    return _normalise(rows).reshape(2, capacity // global_batch, global_batch, dim)
+    return normalise(rows).reshape(2, capacity // global_batch, global_batch, dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +87,14 @@ class MoCoSettings:
     total_steps: int
 
 
-class MoCoMethod(Method):
+class MoCoMethod(SiameseMethod):
     name = "moco"
+    title = "MoCo"
+    positive_what = "a key"
     summary = "MoCo: temperature, negative queue, momentum encoder (tau), optional projector"
-    crop_mode = "siamese"
+    demo_config = "demo_moco_ssps.py"
+    sslsv_momentum = ("momentum", {"encoder": "encoder_momentum", "projector": "projector_momentum"})
+    sslsv_not_imported = ("queue", "queue_ptr", "queue_labels", "queue_labels_ptr")
 
     def default_config(self) -> dict:
         return {  # sslsv's MoCo defaults (the SSPS experiments: temperature 0.03, no projector)
@@ -114,18 +114,7 @@ class MoCoMethod(Method):
             fail("moco.temperature", f"must be > 0, got {m.temperature}")
         if m.queue_size < config.train.global_batch_size:
             fail("moco.queue_size", f"{m.queue_size} is smaller than one global batch")
-        for key in ("start_tau", "end_tau"):
-            if not 0 <= m[key] <= 1:
-                fail(f"moco.{key}", f"must be in [0, 1], got {m[key]}")
-        if m.start_tau > m.end_tau:
-            fail("moco.start_tau", f"{m.start_tau} is above end_tau {m.end_tau}")
-        check_kmeans_positive(config, fail, "moco", "a key")
-
-    def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
-        return siamese_model(config, config.moco, bn_axis_name)
-
-    def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
-        return views_input(config.data.crops.frame_seconds)
+        validate_momentum("moco", m, fail)
 
     def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> MoCoSettings:
         m = config.moco
@@ -154,47 +143,31 @@ class MoCoMethod(Method):
         """Both keys."""
         return 2, output_dim(config, config.moco)
 
-    def step(self, state, batch, rng, *, model, tx, settings: MoCoSettings, ssps=None):
-        """One MoCo (or MoCo-SSPS) step on this device's examples (call inside shard_map)."""
+    def target(self, state, batch, *, model, settings):
+        """The key network's (training-mode) outputs of both views, unit rows: (2, n, D)."""
+        momentum = state.method_state["momentum"]
+        (k1, k2), updates = model.apply(momentum, batch["views"], train=True, mutable=["batch_stats"])
+        return Target(lax.stop_gradient(jnp.stack([normalise(k1), normalise(k2)])), updates)
+
+    def loss(self, outputs, positive, *, state, settings: MoCoSettings, **_):
+        """Each view's queries against the other view's keys and that view's negative queue."""
+        queue = state.method_state["queue"]
+        q1, q2 = normalise(outputs[0]), normalise(outputs[1])
+        loss_1 = moco_loss(q1, positive[1], queue[1], settings.temperature, DATA)
+        loss_2 = moco_loss(q2, positive[0], queue[0], settings.temperature, DATA)
+        return (loss_1 + loss_2) / 2, {}
+
+    def update(self, state, params, outputs, positive, target, *, settings: MoCoSettings):
+        """The key network's EMA step; the keys the loss used into the negative queue's block (step mod blocks)."""
         s = settings
         momentum, queue = state.method_state["momentum"], state.method_state["queue"]
-        (k1, k2), momentum_updates = model.apply(momentum, batch["views"], train=True, mutable=["batch_stats"])
-        keys = lax.stop_gradient(jnp.stack([_normalise(k1), _normalise(k2)]))  # (2, n, D)
-        used = keys
-        metrics = {}
-        if ssps is not None:
-            encoder = {"params": state.params, "batch_stats": state.batch_stats}
-            y_ref, positives, mask, metrics = reference_and_positives(model, encoder, state, batch, rng, ssps)
-            used = jnp.where(mask[None, :, None], positives.astype(keys.dtype), keys)
-
-        def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            (q1, q2), updates = model.apply(variables, batch["views"], train=True, mutable=["batch_stats"])
-            q1, q2 = _normalise(q1), _normalise(q2)
-            loss_1 = moco_loss(q1, used[1], queue[1], s.temperature, DATA)
-            loss_2 = moco_loss(q2, used[0], queue[0], s.temperature, DATA)
-            return (loss_1 + loss_2) / 2, updates["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
-        # Constant tau stays a Python float: 1 - tau is then exact in the parameters' dtype.
-        tau = teacher_momentum(state.step, s.total_steps, s.start_tau, s.end_tau) if s.tau_scheduler else s.start_tau
+        tau = momentum_tau(state.step, s.total_steps, s.start_tau, s.end_tau, s.tau_scheduler)
         block = state.step % queue.shape[1]
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            method_state={
-                "momentum": {"params": ema(momentum["params"], params, tau), **momentum_updates},
-                "queue": lax.dynamic_update_index_in_dim(queue, used.astype(queue.dtype), block, axis=1),
-            },
-        )
-        if ssps is not None:
-            queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, keys)
-            new_state = new_state.replace(ssps=queues)
-        metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm, tau=jnp.asarray(tau, jnp.float32))
-        return new_state, metrics
+        method_state = {
+            "momentum": {"params": ema(momentum["params"], params, tau), **target.updates},
+            "queue": lax.dynamic_update_index_in_dim(queue, positive.astype(queue.dtype), block, axis=1),
+        }
+        return method_state, {"tau": jnp.asarray(tau, jnp.float32)}
 
 
 METHOD = MoCoMethod()

@@ -1,9 +1,14 @@
 """SimCLR (Chen et al., 2020) for speaker embeddings, as sslsv trains it (docs/method.md §6).
 
-Each view goes through the encoder in its own call, so BatchNorm statistics
-are per view over the global batch, exactly like sslsv's two encoder calls
-under DDP with synchronised BN. The loss is NT-Xent over both views of the
-global batch, the negatives gathered from every device.
+The model is methods/common.py's siamese one: each view goes through the
+encoder (and the optional projector) in its own call, so BatchNorm
+statistics are per view over the global batch, exactly like sslsv's two
+encoder calls under DDP with synchronised BN. The loss is NT-Xent over both
+views of the global batch, the negatives gathered from every device.
+
+`simclr.loss` adds a margin to NT-Xent (sslsv's SimCLRMargins:
+CosFace, ArcFace, SphereFace, CurricularFace, MagFace, AdaFace, with sslsv's
+margin scheduler; methods/margins.py). The plain "nt-xent" is `nt_xent`.
 
 With SSPS the positive branch is view 2: its embedding z' is what the
 positive queue holds, and a pseudo-positive replaces it before the loss.
@@ -13,43 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax import lax
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, projector_dims, views_input
-from ssps_jax.models import build_encoder
-from ssps_jax.models.heads import Projector
+from ssps_jax.methods import margins
+from ssps_jax.methods.base import Fail
+from ssps_jax.methods.common import SiameseMethod, gathered
 from ssps_jax.sharding import DATA
-from ssps_jax.ssps import step as ssps_step
-from ssps_jax.train_step import apply_gradients, reference_and_positives
-
-
-class SimCLR(nn.Module):
-    """Encoder (+ optional projector) applied to each of two views."""
-
-    encoder: nn.Module
-    projector_dims: tuple[int, int] | None = None  # (hidden, output); None: no projector
-    dtype: jnp.dtype = jnp.float32
-    bn_axis_name: str | None = None
-
-    def setup(self):
-        if self.projector_dims is not None:
-            self.projector = Projector(*self.projector_dims, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-
-    def __call__(self, views: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """views (B, 2, n) -> embeddings of view 1 and view 2, each (B, D)."""
-        out = []
-        for v in range(2):
-            y = self.encoder(views[:, v], train=train)
-            out.append(self.projector(y, train=train) if self.projector_dims is not None else y)
-        return out[0], out[1]
-
-    def embed(self, wave: jnp.ndarray, lengths: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Speaker embeddings for evaluation: the encoder output in inference mode."""
-        return self.encoder(wave, lengths, train=False)
 
 
 def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: str | None = None) -> jnp.ndarray:
@@ -65,11 +41,7 @@ def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: str
     z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
     z = z / jnp.maximum(jnp.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     n2 = z.shape[0]
-    if axis_name is None:
-        everyone, offset = z, 0
-    else:
-        everyone = lax.all_gather(z, axis_name, tiled=True)  # (2N, D), device blocks in order
-        offset = lax.axis_index(axis_name) * n2
+    everyone, offset = gathered(z, axis_name)  # (2N, D)
     logits = z @ everyone.T / temperature  # (2n, 2N)
     rows = jnp.arange(n2)
     own = offset + rows
@@ -78,27 +50,19 @@ def nt_xent(z1: jnp.ndarray, z2: jnp.ndarray, temperature: float, axis_name: str
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[rows, positive])
 
 
-def siamese_model(
-    config: ml_collections.ConfigDict, section: ml_collections.ConfigDict, bn_axis_name: str | None = None
-) -> SimCLR:
-    """Encoder + the optional projector of `section` (SimCLR's, VICReg's, MoCo's: the same module tree)."""
-    return SimCLR(
-        encoder=build_encoder(config.model, bn_axis_name),
-        projector_dims=projector_dims(section),
-        dtype=jnp.dtype(config.model.dtype),
-        bn_axis_name=bn_axis_name,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class SimCLRSettings:
     temperature: float
+    margins: margins.Margins | None = None  # None: plain NT-Xent
+    steps_per_epoch: int = 1
+    epochs: int = 1  # train.epochs: the margin scheduler's span
 
 
-class SimCLRMethod(Method):
+class SimCLRMethod(SiameseMethod):
     name = "simclr"
+    title = "SimCLR"
     summary = "SimCLR: NT-Xent temperature, optional projector"
-    crop_mode = "siamese"
+    demo_config = "demo_ssps.py"
 
     def default_config(self) -> dict:
         return {
@@ -106,59 +70,76 @@ class SimCLRMethod(Method):
             "projector": False,  # the SSPS paper's SimCLR has none
             "projector_hidden_dim": 2048,
             "projector_output_dim": 128,
+            # NT-Xent with an additive margin (sslsv's SimCLRMargins): one of methods/margins.py's LOSSES;
+            # "nt-xent" is plain SimCLR. The logits' scale is 1 / temperature (sslsv's scale 33.33: 0.03).
+            "loss": "nt-xent",
+            "margin": 0.1,  # m (radians for arcface / curricularface / adaface; a multiplier for sphereface)
+            "margin_scheduler": False,  # cosface / arcface / sphereface: m from 0 over the first half of training
+            "magface_l_margin": 0.01,  # MagFace: margins from l_margin to u_margin ...
+            "magface_u_margin": 0.05,
+            "magface_l_a": 10.0,  # ... for embedding norms from l_a to u_a
+            "magface_u_a": 110.0,
+            "magface_lambda_g": 0.0,  # weight of MagFace's norm regulariser
+            "adaface_h": 0.333,  # AdaFace: how far the norm moves the margin
         }
 
     def validate(self, config: ml_collections.ConfigDict, fail: Fail) -> None:
         s = config.simclr
         if s.temperature <= 0:
             fail("simclr.temperature", f"must be > 0, got {s.temperature}")
-        check_kmeans_positive(config, fail, "simclr", "a projector output")
-
-    def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
-        return siamese_model(config, config.simclr, bn_axis_name)
-
-    def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
-        return views_input(config.data.crops.frame_seconds)
+        if s.loss not in margins.LOSSES:
+            fail("simclr.loss", f"must be one of {margins.LOSSES}, got {s.loss!r}")
+        if s.margin < 0:
+            fail("simclr.margin", f"must be >= 0, got {s.margin}")
+        if s.margin_scheduler and s.loss not in margins.SCHEDULED:
+            fail("simclr.margin_scheduler", f"schedules the margin of {', '.join(margins.SCHEDULED)} (as sslsv)")
+        if not 0 < s.magface_l_a < s.magface_u_a:
+            fail("simclr.magface_l_a", f"needs 0 < magface_l_a < magface_u_a, got {s.magface_l_a}, {s.magface_u_a}")
 
     def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> SimCLRSettings:
-        return SimCLRSettings(temperature=config.simclr.temperature)
-
-    def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
-        return 1, output_dim(config, config.simclr)
-
-    def step(self, state, batch, rng, *, model, tx, settings: SimCLRSettings, ssps=None):
-        """One SimCLR (or SimCLR-SSPS) step on this device's examples (call inside shard_map)."""
-        # This device's randomness: the step key folded with the device index.
-        device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
-        metrics = {}
-        if ssps is not None:
-            encoder = {"params": state.params, "batch_stats": state.batch_stats}
-            y_ref, positives, mask, metrics = reference_and_positives(model, encoder, state, batch, rng, ssps)
-
-        def loss_fn(params):
-            (z1, z2), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                batch["views"],
-                train=True,
-                mutable=["batch_stats"],
-                rngs={"dropout": device_rng},  # for stochastic layers; the encoders here have none
-            )
-            z2_used = z2 if ssps is None else jnp.where(mask[:, None], positives[0].astype(z2.dtype), z2)
-            return nt_xent(z1, z2_used, settings.temperature, axis_name=DATA), (updates["batch_stats"], z2)
-
-        (loss, (batch_stats, z2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=batch_stats,  # already identical on every device (synchronised BN)
-            opt_state=opt_state,
+        s = config.simclr
+        if s.loss == "nt-xent":
+            return SimCLRSettings(temperature=s.temperature)
+        m = margins.Margins(
+            loss=s.loss,
+            margin=float(s.margin),
+            scheduler=s.margin_scheduler,
+            magface_l_margin=s.magface_l_margin,
+            magface_u_margin=s.magface_u_margin,
+            magface_l_a=s.magface_l_a,
+            magface_u_a=s.magface_u_a,
+            magface_lambda_g=s.magface_lambda_g,
+            adaface_h=s.adaface_h,
         )
-        if ssps is not None:
-            queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, z2[None])
-            new_state = new_state.replace(ssps=queues)
-        metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm)
-        return new_state, metrics
+        return SimCLRSettings(s.temperature, m, steps_per_epoch, total_steps // steps_per_epoch)
+
+    def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict | None:
+        """The running statistics of CurricularFace and AdaFace (sslsv's loss buffers); None for the others."""
+        initial = margins.INITIAL_STATS.get(config.simclr.loss)
+        return None if initial is None else {"margin_stats": {k: jnp.float32(v) for k, v in initial.items()}}
+
+    def loss(self, outputs, positive, *, state, settings: SimCLRSettings, **_):
+        s = settings
+        if s.margins is None:
+            return nt_xent(outputs[0], positive[0], s.temperature, axis_name=DATA), {}
+        stats = self._margin_stats(state, outputs, positive, s)
+        margin = margins.scheduled_margin(s.margins, state.step // s.steps_per_epoch, s.epochs)
+        return margins.margin_nt_xent(outputs[0], positive[0], s.temperature, s.margins, margin, stats, DATA), {}
+
+    def update(self, state, params, outputs, positive, target, *, settings: SimCLRSettings):
+        s = settings
+        if s.margins is None:
+            return state.method_state, {}
+        margin = margins.scheduled_margin(s.margins, state.step // s.steps_per_epoch, s.epochs)
+        stats = self._margin_stats(state, outputs, positive, s)
+        method_state = None if stats is None else {"margin_stats": stats}
+        return method_state, {"margin": jnp.asarray(margin, jnp.float32)}
+
+    @staticmethod
+    def _margin_stats(state, outputs, positive, s: SimCLRSettings):
+        """The loss's running statistics after this batch (the loss uses them; `update` keeps them)."""
+        old = None if state.method_state is None else state.method_state["margin_stats"]
+        return margins.running_stats(s.margins, outputs[0], positive[0], old, DATA)
 
 
 METHOD = SimCLRMethod()

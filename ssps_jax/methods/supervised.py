@@ -24,17 +24,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax import lax
 
 from data_pipelines.errors import ConfigError
-from ssps_jax.methods.base import Fail, Method, views_input
+from ssps_jax.methods.base import Fail
+from ssps_jax.methods.common import SiameseMethod, aam, normalise
 from ssps_jax.models import build_encoder
-from ssps_jax.sharding import DATA
-from ssps_jax.train_step import apply_gradients
-
-
-def _normalise(x: jnp.ndarray) -> jnp.ndarray:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class SpeakerClassifier(nn.Module):
@@ -49,7 +43,7 @@ class SpeakerClassifier(nn.Module):
             "weight", nn.initializers.xavier_uniform(in_axis=1, out_axis=0), (self.classes, y.shape[-1])
         )
         y = y.astype(jnp.promote_types(y.dtype, jnp.float32))
-        return _normalise(y) @ _normalise(weight.astype(y.dtype)).T
+        return normalise(y) @ normalise(weight.astype(y.dtype)).T
 
 
 class Supervised(nn.Module):
@@ -72,17 +66,12 @@ class Supervised(nn.Module):
 def aam_softmax(cosines: jnp.ndarray, labels: jnp.ndarray, margin: float, scale: float):
     """(mean cross-entropy, accuracy) of AAM-softmax over this device's rows, as sslsv computes it.
 
-    The target class's cosine cos(theta) becomes cos(theta + margin) while
-    theta + margin < pi; past that (cos(theta) <= cos(pi - margin)) it becomes
-    cos(theta) - margin sin(margin), which keeps the logit decreasing in theta.
-    All logits are multiplied by `scale`. The accuracy is that of the logits
-    with the margin, as sslsv reports it.
+    The target class's cosine gets ArcFace's additive angular margin
+    (`common.aam`); all logits are multiplied by `scale`. The accuracy is that
+    of the logits with the margin, as sslsv reports it.
     """
     cosines = cosines.astype(jnp.promote_types(cosines.dtype, jnp.float32))
-    # sin(theta); the floor keeps the gradient finite at |cos| = 1 (sslsv's clamp to [0, 1] gives NaN there).
-    sine = jnp.sqrt(jnp.clip(1.0 - cosines**2, 1e-12, 1.0))
-    with_margin = cosines * math.cos(margin) - sine * math.sin(margin)
-    with_margin = jnp.where(cosines > math.cos(math.pi - margin), with_margin, cosines - math.sin(margin) * margin)
+    with_margin = aam(cosines, margin)
     target = jax.nn.one_hot(labels, cosines.shape[-1], dtype=bool)
     logits = scale * jnp.where(target, with_margin, cosines)
     log_p = jax.nn.log_softmax(logits, axis=-1)
@@ -97,11 +86,13 @@ class SupervisedSettings:
     scale: float
 
 
-class SupervisedMethod(Method):
+class SupervisedMethod(SiameseMethod):
     name = "supervised"
+    title = "Supervised"
     summary = "supervised AAM-softmax on the train split's speaker labels: classes, margin, scale"
-    crop_mode = "siamese"
     needs_labels = True
+    demo_config = "demo_supervised.py"
+    sslsv_sizes = {"classifier": "supervised.classes"}  # no projector
 
     def default_config(self) -> dict:
         return {  # sslsv's Supervised defaults (classifier 'speaker': AAM-softmax)
@@ -124,9 +115,6 @@ class SupervisedMethod(Method):
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> Supervised:
         return Supervised(encoder=build_encoder(config.model, bn_axis_name), classes=config.supervised.classes)
 
-    def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
-        return views_input(config.data.crops.frame_seconds)
-
     def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
         s = config.supervised
         return SupervisedSettings(margin=s.aam_margin, scale=s.aam_scale)
@@ -143,24 +131,15 @@ class SupervisedMethod(Method):
     def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
         return 1, config.model.encoder_dim  # never queued: validate refuses SSPS
 
-    def step(self, state, batch, rng, *, model, tx, settings: SupervisedSettings, ssps=None):
-        """One supervised step on this device's examples (call inside shard_map)."""
-        if ssps is not None:
-            raise ValueError("the supervised baseline has no SSPS step")
-        # Looked up on the device: the table is replicated and the batch carries its dataset indices.
+    def online_positive(self, outputs):
+        return None  # no positive view: the classifier's cosines
+
+    def loss(self, outputs, positive, *, state, batch, settings: SupervisedSettings, **_):
+        """AAM-softmax of the cosines against the batch's speakers (looked up on the device: the table is
+        replicated and the batch carries its dataset indices)."""
         labels = state.method_state["speaker_labels"][batch["index"]]
-
-        def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            cosines, updates = model.apply(variables, batch["views"], train=True, mutable=["batch_stats"])
-            loss, accuracy = aam_softmax(cosines, labels, settings.margin, settings.scale)
-            return loss, (updates["batch_stats"], accuracy)
-
-        (loss, (batch_stats, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-        metrics = {"loss": lax.pmean(loss, DATA), "accuracy": lax.pmean(accuracy, DATA), "grad_norm": grad_norm}
-        return new_state, metrics
+        loss, accuracy = aam_softmax(outputs, labels, settings.margin, settings.scale)
+        return loss, {"accuracy": accuracy}
 
 
 METHOD = SupervisedMethod()

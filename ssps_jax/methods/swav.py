@@ -3,7 +3,7 @@
 Each view goes through the encoder and sslsv's siamese projector in its own
 call (BatchNorm statistics per view over the global batch); the outputs are
 L2-normalised (z1, z2) and scored against K prototypes, a bias-free linear
-layer whose weight rows have unit norm (DINO's `WeightNormDense`). Each
+layer whose weight rows have unit norm (`models.heads.WeightNormDense`, as DINO's last layer). Each
 view's codes are Sinkhorn-Knopp's equal-partition assignment of its scores
 over the global batch (and, from `queue_start_epoch` on, over the feature
 queue's rows too); the loss swaps them: the codes of one view are the target
@@ -32,19 +32,12 @@ import ml_collections
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, projector_dims, views_input
-from ssps_jax.methods.dino import WeightNormDense
+from ssps_jax.methods.base import Fail
+from ssps_jax.methods.common import SiameseMethod, normalise, output_dim, projector_dims
 from ssps_jax.models import build_encoder
-from ssps_jax.models.heads import Projector
+from ssps_jax.models.heads import Projector, WeightNormDense
 from ssps_jax.optim import make_optimizer
 from ssps_jax.sharding import DATA
-from ssps_jax.ssps import step as ssps_step
-from ssps_jax.train_step import apply_gradients, reference_and_positives
-
-
-def _normalise(x: jnp.ndarray) -> jnp.ndarray:
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class SwAV(nn.Module):
@@ -66,7 +59,7 @@ class SwAV(nn.Module):
         out = []
         for v in range(2):
             y = self.encoder(views[:, v], train=train)
-            out.append(_normalise(self.projector(y, train=train) if self.projector_dims is not None else y))
+            out.append(normalise(self.projector(y, train=train) if self.projector_dims is not None else y))
         if self.is_initializing():
             self.scores(out[0])  # creates the prototypes
         return out[0], out[1]
@@ -123,10 +116,16 @@ class SwAVSettings:
     steps_per_epoch: int
 
 
-class SwAVMethod(Method):
+class SwAVMethod(SiameseMethod):
     name = "swav"
+    title = "SwAV"
     summary = "SwAV: prototypes, Sinkhorn-Knopp, temperature, feature queue, optional projector"
-    crop_mode = "siamese"
+    demo_config = "demo_swav_ssps.py"
+    sslsv_not_imported = ("queue",)
+
+    @property
+    def sslsv_sizes(self) -> dict[str, str]:
+        return {**super().sslsv_sizes, "prototypes": "swav.prototypes"}
 
     def default_config(self) -> dict:
         return {  # sslsv's SwAV defaults (the SSPS experiments use a 2048-512 projector: configs/swav_*.py)
@@ -156,7 +155,6 @@ class SwAVMethod(Method):
             fail("swav.queue_size", f"{s.queue_size} is smaller than one global batch (0 turns the queue off)")
         if s.queue_size < 0:
             fail("swav.queue_size", f"must be >= 0, got {s.queue_size}")
-        check_kmeans_positive(config, fail, "swav", "a projector output")
 
     def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SwAV:
         s = config.swav
@@ -173,9 +171,6 @@ class SwAVMethod(Method):
         return make_optimizer(
             config.optim, steps_per_epoch, total_steps, "prototypes", config.swav.freeze_prototypes_epochs
         )
-
-    def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
-        return views_input(config.data.crops.frame_seconds)
 
     def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> SwAVSettings:
         s = config.swav
@@ -197,18 +192,11 @@ class SwAVMethod(Method):
         """The feature queue split along its rows, like the SSPS queues."""
         return {"queue": P(None, None, DATA)}
 
-    def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
-        return 1, output_dim(config, config.swav)
-
-    def step(self, state, batch, rng, *, model, tx, settings: SwAVSettings, ssps=None):
-        """One SwAV (or SwAV-SSPS) step on this device's examples (call inside shard_map)."""
+    def loss(self, outputs, positive, *, variables, state, model, settings: SwAVSettings, **_):
+        """The swapped prediction of z1 and of the positive branch (z2, or its pseudo-positive)."""
         s = settings
         queue = state.method_state["queue"]
         use_queue = state.step // s.steps_per_epoch >= s.queue_start_epoch
-        metrics = {}
-        if ssps is not None:
-            encoder = {"params": state.params, "batch_stats": state.batch_stats}
-            y_ref, positives, mask, metrics = reference_and_positives(model, encoder, state, batch, rng, ssps)
 
         def codes_of(scores, queue_scores):
             """Sinkhorn codes of this device's rows, over the batch alone or the batch and the queue."""
@@ -217,36 +205,17 @@ class SwAVMethod(Method):
             both = sinkhorn(jnp.concatenate([scores, queue_scores]), s.sinkhorn_iterations, s.sinkhorn_epsilon, DATA)
             return jnp.where(use_queue, both[:n], alone)
 
-        def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            (z1, z2), updates = model.apply(variables, batch["views"], train=True, mutable=["batch_stats"])
-            z2_used = z2 if ssps is None else jnp.where(mask[:, None], positives[0].astype(z2.dtype), z2)
-            scores = jnp.stack([model.apply(variables, z, method=type(model).scores) for z in (z1, z2_used)])
-            flat_queue = lax.stop_gradient(queue).reshape(2, -1, queue.shape[-1]).astype(scores.dtype)
-            queue_scores = model.apply(variables, flat_queue, method=type(model).scores)  # (2, rows, K)
-            codes = jnp.stack([codes_of(scores[v], queue_scores[v]) for v in range(2)])
-            loss = swapped_loss(scores, codes, s.temperature)
-            return loss, (updates["batch_stats"], z1, z2)
+        scores = jnp.stack([model.apply(variables, z, method=type(model).scores) for z in (outputs[0], positive[0])])
+        flat_queue = lax.stop_gradient(queue).reshape(2, -1, queue.shape[-1]).astype(scores.dtype)
+        queue_scores = model.apply(variables, flat_queue, method=type(model).scores)  # (2, rows, K)
+        codes = jnp.stack([codes_of(scores[v], queue_scores[v]) for v in range(2)])
+        return swapped_loss(scores, codes, s.temperature), {}
 
-        (loss, (batch_stats, z1, z2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
-        embedded = lax.stop_gradient(jnp.stack([z1, z2]))
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            method_state={
-                "queue": lax.dynamic_update_index_in_dim(
-                    queue, embedded.astype(queue.dtype), state.step % queue.shape[1], axis=1
-                )
-            },
-        )
-        if ssps is not None:
-            queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, z2[None])
-            new_state = new_state.replace(ssps=queues)
-        metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm)
-        return new_state, metrics
+    def update(self, state, params, outputs, positive, target, *, settings: SwAVSettings):
+        """The views it embedded (z1, z2) into the feature queue's block (step mod blocks)."""
+        queue = state.method_state["queue"]
+        embedded = lax.stop_gradient(jnp.stack(outputs)).astype(queue.dtype)
+        return {"queue": lax.dynamic_update_index_in_dim(queue, embedded, state.step % queue.shape[1], axis=1)}, {}
 
 
 METHOD = SwAVMethod()

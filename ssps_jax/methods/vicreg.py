@@ -1,6 +1,6 @@
 """VICReg (Bardes et al., 2022) for speaker embeddings, as sslsv trains it (docs/method.md §6).
 
-The model is SimCLR's (methods/simclr.py): encoder + sslsv's siamese
+The model is the siamese one (methods/common.py): encoder + sslsv's siamese
 projector, each view in its own call, so BatchNorm statistics are per view
 over the global batch. The loss (`vicreg_loss`) is a weighted sum of three
 terms on the projector outputs of the two views: invariance (the mean
@@ -22,11 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ssps_jax.methods.base import Fail, Method, check_kmeans_positive, output_dim, views_input
-from ssps_jax.methods.simclr import SimCLR, siamese_model
+from ssps_jax.methods.base import Fail
+from ssps_jax.methods.common import SiameseMethod
 from ssps_jax.sharding import DATA
-from ssps_jax.ssps import step as ssps_step
-from ssps_jax.train_step import apply_gradients, reference_and_positives
 
 
 def _variance_term(z: jnp.ndarray) -> jnp.ndarray:
@@ -80,10 +78,11 @@ class VICRegSettings:
     cov_weight: float
 
 
-class VICRegMethod(Method):
+class VICRegMethod(SiameseMethod):
     name = "vicreg"
+    title = "VICReg"
     summary = "VICReg: invariance / variance / covariance weights, projector"
-    crop_mode = "siamese"
+    demo_config = "demo_vicreg_ssps.py"
 
     def default_config(self) -> dict:
         return {  # sslsv's VICReg defaults (the SSPS experiments use a 2048-512 projector: configs/vicreg_*.py)
@@ -106,48 +105,14 @@ class VICRegMethod(Method):
                     fail(f"vicreg.{key}", f"must be >= 1, got {v[key]}")
         if config.train.global_batch_size < 2:
             fail("train.global_batch_size", "VICReg's variance and covariance need at least 2 examples")
-        check_kmeans_positive(config, fail, "vicreg", "a projector output")
-
-    def build_model(self, config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> SimCLR:
-        return siamese_model(config, config.vicreg, bn_axis_name)
-
-    def example_input(self, config: ml_collections.ConfigDict) -> jax.ShapeDtypeStruct:
-        return views_input(config.data.crops.frame_seconds)
 
     def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> VICRegSettings:
         v = config.vicreg
         return VICRegSettings(inv_weight=v.inv_weight, var_weight=v.var_weight, cov_weight=v.cov_weight)
 
-    def positive_shape(self, config: ml_collections.ConfigDict) -> tuple[int, int]:
-        return 1, output_dim(config, config.vicreg)
-
-    def step(self, state, batch, rng, *, model, tx, settings: VICRegSettings, ssps=None):
-        """One VICReg (or VICReg-SSPS) step on this device's examples (call inside shard_map)."""
+    def loss(self, outputs, positive, *, settings: VICRegSettings, **_):
         s = settings
-        metrics = {}
-        if ssps is not None:
-            encoder = {"params": state.params, "batch_stats": state.batch_stats}
-            y_ref, positives, mask, metrics = reference_and_positives(model, encoder, state, batch, rng, ssps)
-
-        def loss_fn(params):
-            (z1, z2), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                batch["views"],
-                train=True,
-                mutable=["batch_stats"],
-            )
-            z2_used = z2 if ssps is None else jnp.where(mask[:, None], positives[0].astype(z2.dtype), z2)
-            loss = vicreg_loss(z1, z2_used, s.inv_weight, s.var_weight, s.cov_weight, axis_name=DATA)
-            return loss, (updates["batch_stats"], z2)
-
-        (loss, (batch_stats, z2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        params, opt_state, grad_norm = apply_gradients(state, grads, tx)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-        if ssps is not None:
-            queues = ssps_step.enqueue(state.ssps, state.step, ssps.steps_per_epoch, batch["index"], y_ref, z2[None])
-            new_state = new_state.replace(ssps=queues)
-        metrics.update(loss=lax.pmean(loss, DATA), grad_norm=grad_norm)
-        return new_state, metrics
+        return vicreg_loss(outputs[0], positive[0], s.inv_weight, s.var_weight, s.cov_weight, axis_name=DATA), {}
 
 
 METHOD = VICRegMethod()

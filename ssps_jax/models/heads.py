@@ -1,11 +1,12 @@
-"""Heads on top of the encoder."""
+"""Heads on top of the encoder: sslsv's siamese projector, and the weight-normalised linear layer of DINO's
+head and SwAV's prototypes."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ssps_jax.models.layers import Dense, batch_norm
+from ssps_jax.models.layers import Dense, batch_norm, torch_default_init
 
 
 class Projector(nn.Module):
@@ -25,3 +26,20 @@ class Projector(nn.Module):
             x = Dense(self.hidden_dim, dtype=self.dtype, name=f"layers_{dense}")(x)
             x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name=f"layers_{bn}")(x))
         return Dense(self.output_dim, dtype=self.dtype, name="layers_6")(x).astype(jnp.float32)
+
+
+class WeightNormDense(nn.Module):
+    """Linear layer without bias whose weight rows have unit norm (weight_norm with g fixed at 1).
+
+    sslsv: nn.utils.weight_norm(nn.Linear(..., bias=False)) with weight_g filled with 1
+    and frozen, so the effective weight is v / ||v|| per output unit.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("weight_v", torch_default_init, (x.shape[-1], self.features))  # (in, out)
+        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))

@@ -31,6 +31,45 @@ from ssps_jax.ssps import sampling
 from ssps_jax.ssps.clustering import make_cluster_fn, nmi
 from ssps_jax.ssps.state import SSPSState, init_ssps_state
 
+QUEUE_DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> dict:
+    """`config.ssps`: off; on, the papers' main setting (docs/method.md §5), then each sampler's keys."""
+    return {
+        "enabled": False,
+        "start_epoch": 100,  # queues fill from start_epoch - 1, clustering and sampling from start_epoch
+        # A sampler of ssps/sampling.py: kmeans-repr (SSPS-Clustering) | kmeans (centroid) | knn (SSPS-NN) |
+        # oracle: a diagnostic, not a method -- the anchor's own speaker from another session, by the index
+        # file's labels (the headroom)
+        "sampling": "kmeans-repr",
+        "pos_queue_size": 25000,  # Q' capacity, rounded down to a multiple of the global batch
+        "queue_dtype": "float32",  # or "bfloat16": half the queue memory
+        **sampling.default_config(),
+    }
+
+
+def validate(config: ml_collections.ConfigDict, method, fail) -> None:
+    """Checks `config.ssps` (when enabled) and what `method` (a methods.base.Method) cannot do with it."""
+    s = config.ssps
+    if not s.enabled:
+        return
+    if s.sampling not in sampling.REGISTRY:
+        fail("ssps.sampling", f"must be one of {tuple(sampling.REGISTRY)}, got {s.sampling!r}")
+    if s.queue_dtype not in QUEUE_DTYPES:
+        fail("ssps.queue_dtype", f"must be one of {QUEUE_DTYPES}, got {s.queue_dtype!r}")
+    if s.start_epoch < 1:
+        fail("ssps.start_epoch", f"must be >= 1 (queues fill during epoch start_epoch - 1), got {s.start_epoch}")
+    if s.pos_queue_size < config.train.global_batch_size:
+        fail("ssps.pos_queue_size", f"{s.pos_queue_size} is smaller than one global batch")
+    if config.data.crops.reference_seconds <= 0:
+        fail("data.crops.reference_seconds", "SSPS needs the clean reference crop (> 0 s)")
+    selected = sampling.get(s.sampling)
+    selected.validate(config, method, fail)
+    for sampler in sampling.REGISTRY.values():
+        if sampler is not selected:
+            sampler.validate_unselected(config, fail)
+
 
 def sampling_config(s: ml_collections.ConfigDict) -> sampling.SamplingConfig:
     """The pseudo-positive sampling of `config.ssps`."""
@@ -79,7 +118,7 @@ class SSPS:
     @property
     def clustered(self) -> bool:
         """Whether pseudo-positives come from a clustering (kmeans-repr, kmeans), not nearest rows or labels."""
-        return self.sampling.method in sampling.CLUSTERED
+        return sampling.get(self.sampling.method).clustered
 
     # -- the schedule --------------------------------------------------------------------------------------
 

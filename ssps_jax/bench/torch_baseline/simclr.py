@@ -23,6 +23,7 @@ from flax import traverse_util
 from torch import nn
 
 from ssps_jax.bench.torch_baseline.ecapa_tdnn import ECAPATDNN, build_encoder
+from ssps_jax.methods import simclr
 from ssps_jax.models.sslsv_names import sslsv_name, to_torch_layout
 
 
@@ -56,7 +57,7 @@ class SimCLR(nn.Module):
 
 def build_simclr(config: ml_collections.ConfigDict) -> SimCLR:
     """Our SimCLR method's build_model (ssps_jax.methods.simclr), in PyTorch."""
-    if config.method != "simclr":
+    if config.method != simclr.METHOD.name:  # the one method written here
         raise ValueError(f"the PyTorch baseline implements SimCLR only; config.method is {config.method!r}")
     s = config.simclr
     projector = (s.projector_hidden_dim, s.projector_output_dim) if s.projector else None

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssps_jax.ssps.samplers import kmeans_repr
 from ssps_jax.ssps.sampling import SamplingConfig
 
 
@@ -120,8 +121,10 @@ class KMeansReprSSPS:
         device: torch.device | str = "cpu",
         seed: int = 0,
     ):
-        if sampling.method != "kmeans-repr":
-            raise ValueError(f"the PyTorch baseline implements SSPS kmeans-repr only, got {sampling.method!r}")
+        if sampling.method != kmeans_repr.SAMPLER.name:  # the one sampler written here
+            raise ValueError(
+                f"the PyTorch baseline implements SSPS {kmeans_repr.SAMPLER.name} only, got {sampling.method!r}"
+            )
         self.global_batch = global_batch
         self.clusters = clusters
         self.iterations = iterations
