@@ -103,12 +103,23 @@ def anchor_keys(key: jax.Array, count: int, offset=0) -> jax.Array:
 
 
 def fetch(pos_emb: jax.Array, pos_index: jax.Array, entry: jax.Array, mine: jax.Array, axis: str):
-    """Embeddings and dataset indices of local rows `entry` (G,) where `mine`, sent to each anchor's device."""
-    views = pos_emb.shape[0]
-    flat = pos_emb.reshape(views, -1, pos_emb.shape[-1])
-    emb = jnp.where(mine[None, :, None], flat[:, entry], 0).astype(jnp.float32)
+    """Embeddings and dataset indices of local rows `entry` (G,) where `mine`, sent to each anchor's device.
+
+    Rows are read view by view, as (block, row) of the queue's own (V, blocks, rows, D) layout, in slices of at
+    most 32 768 lanes: one gather of (V, D) slices from the flattened queue made XLA:TPU lay the whole queue out
+    again every step (3.3 GB a device for DINO's 65 536-wide rows; docs/performance.md).
+    """
+    block, row = entry // pos_emb.shape[2], entry % pos_emb.shape[2]
+    d, chunk = pos_emb.shape[-1], 32768
+    rows = jnp.stack(
+        [
+            jnp.concatenate([pos_emb[v, block, row, c : c + chunk] for c in range(0, d, chunk)], axis=-1)
+            for v in range(pos_emb.shape[0])
+        ]
+    )  # (V, G, D)
+    emb = jnp.where(mine[None, :, None], rows, 0).astype(jnp.float32)
     emb = lax.psum_scatter(emb, axis, scatter_dimension=1, tiled=True)
-    index = jnp.where(mine, pos_index.reshape(-1)[entry] + 1, 0)
+    index = jnp.where(mine, pos_index[block, row] + 1, 0)
     return emb, lax.psum_scatter(index, axis, scatter_dimension=0, tiled=True) - 1
 
 
