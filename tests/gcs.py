@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -63,6 +64,9 @@ def emulator(bucket: str = BUCKET):
         finally:
             process.terminate()
             process.wait(timeout=30)
+            log.seek(0)
+            if errors := log.read().decode(errors="replace"):  # shown with a failing test's output
+                print(f"gcp-storage-emulator's errors:\n{errors[-4000:]}", file=sys.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +108,23 @@ def _serve(argv: list[str]) -> int:
             response["x-goog-metageneration"] = found["metageneration"]
 
     objects.download = download_with_generation  # objects.get (the JSON API's alt=media) calls it by name
+
+    # The storage behind the handlers is plain dicts, rebuilt or serialised whole by some operations; served
+    # from several threads at once, an upload finished while another request rewrote them could be lost, and
+    # the client's retry of its last chunk then found no upload session ("not found"). One handler at a time,
+    # as the original server ran them; the connections (reading requests, writing responses) stay concurrent.
+    one_at_a_time = threading.RLock()
+
+    def serialised(handler):
+        def locked(*args, **kwargs):
+            with one_at_a_time:
+                return handler(*args, **kwargs)
+
+        return locked
+
+    objects.insert = serialised(objects.insert)  # the router's fallback for uploads POSTed without /upload
     routes.HANDLERS = tuple(
-        (regex, {m: download_with_generation if h is download else h for m, h in handlers.items()})
+        (regex, {m: serialised(download_with_generation if h is download else h) for m, h in handlers.items()})
         for regex, handlers in routes.HANDLERS
     )
     return main(argv)

@@ -327,7 +327,7 @@ def test_shape_and_front_end_mismatches_name_the_config_field(sslsv_file, tmp_pa
     with pytest.raises(InputError, match=expected + r"\(model\.ecapa_tdnn\.se_channels probably differs\)"):
         import_sslsv(path, other, tmp_path / "w")
     other = config.copy_and_resolve_references()
-    other.model.ecapa_tdnn.channels = (16, 16, 16, 16, 32)
+    other.model.ecapa_tdnn.channels = (16, 16, 32)
     with pytest.raises(
         InputError, match=r"encoder\.asp\.conv\.conv\.bias is \(48,\).*\(32,\) \(model\.ecapa_tdnn\.channels"
     ):

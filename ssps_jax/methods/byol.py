@@ -35,22 +35,6 @@ from ssps_jax.methods.base import Fail, Target
 from ssps_jax.methods.common import SiameseMethod, ema, momentum_tau, normalise, validate_momentum
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
-from ssps_jax.models.layers import Dense, batch_norm
-
-
-class Predictor(nn.Module):
-    """sslsv's BYOL predictor: Linear-BN-ReLU, then Linear back to the projection size; names are its indices."""
-
-    hidden_dim: int
-    output_dim: int
-    dtype: jnp.dtype = jnp.float32
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = Dense(self.hidden_dim, dtype=self.dtype, name="layers_0")(x)
-        x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="layers_1")(x))
-        return Dense(self.output_dim, dtype=self.dtype, name="layers_3")(x).astype(jnp.float32)
 
 
 class BYOL(nn.Module):
@@ -64,8 +48,13 @@ class BYOL(nn.Module):
 
     def setup(self):
         self.projector = Projector(*self.projector_dims, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-        self.predictor = Predictor(
-            self.predictor_hidden_dim, self.projector_dims[1], dtype=self.dtype, bn_axis_name=self.bn_axis_name
+        # sslsv's predictor: Linear-BN-ReLU, then Linear back to the projection size.
+        self.predictor = Projector(
+            self.predictor_hidden_dim,
+            self.projector_dims[1],
+            dtype=self.dtype,
+            bn_axis_name=self.bn_axis_name,
+            hidden_layers=1,
         )
 
     def __call__(self, views: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:

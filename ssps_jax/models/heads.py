@@ -10,7 +10,7 @@ from ssps_jax.models.layers import Dense, batch_norm, torch_default_init
 
 
 class Projector(nn.Module):
-    """sslsv's siamese projector: (Linear-BN-ReLU) x 2, then Linear.
+    """sslsv's siamese projector: (Linear-BN-ReLU) x 2, then Linear; with `hidden_layers` 1, BYOL's predictor.
 
     Layer names carry the index they have in sslsv's nn.Sequential.
     """
@@ -19,13 +19,14 @@ class Projector(nn.Module):
     output_dim: int
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    hidden_layers: int = 2
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        for dense, bn in ((0, 1), (3, 4)):
-            x = Dense(self.hidden_dim, dtype=self.dtype, name=f"layers_{dense}")(x)
-            x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name=f"layers_{bn}")(x))
-        return Dense(self.output_dim, dtype=self.dtype, name="layers_6")(x).astype(jnp.float32)
+        for i in range(self.hidden_layers):
+            x = Dense(self.hidden_dim, dtype=self.dtype, name=f"layers_{3 * i}")(x)
+            x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name=f"layers_{3 * i + 1}")(x))
+        return Dense(self.output_dim, dtype=self.dtype, name=f"layers_{3 * self.hidden_layers}")(x).astype(jnp.float32)
 
 
 class WeightNormDense(nn.Module):
