@@ -99,5 +99,4 @@ def test_barlow_twins_ssps_step_replaces_view_2_and_queues_the_original(demo_dir
 
 
 def test_barlow_twins_ssps_resume_reproduces_the_losses(demo_dir, tmp_path):
-    train = assert_resume_in_ssps_epoch_reproduces(lambda: ssps_run_config(_small_config(demo_dir)), tmp_path)
-    assert train[-1]["loss"] < train[0]["loss"]
+    assert_resume_in_ssps_epoch_reproduces(lambda: ssps_run_config(_small_config(demo_dir)), tmp_path)

@@ -42,7 +42,9 @@ def test_killed_run_resumes_with_identical_losses(demo_dir, tmp_path, uninterrup
     reference = _losses(reference_dir)
     steps_per_epoch = 240 // 16
     assert sorted(reference) == list(range(1, 2 * steps_per_epoch + 1))
-    assert reference[2 * steps_per_epoch] < reference[1]  # it learns
+    # It learns: the second epoch's mean loss is below the first's (one step's loss is one batch's, too noisy).
+    losses = np.array([reference[s] for s in sorted(reference)]).reshape(2, steps_per_epoch)
+    assert losses[1].mean() < losses[0].mean(), losses.mean(axis=1)
     events = list((reference_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 1000  # TensorBoard scalars written
 
@@ -156,7 +158,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, tmp_
         ("train.epochs", 0, "config.train.epochs: must be >= 1"),
         ("optim.schedule", "linear", "config.optim.schedule: must be one of"),
         ("data.train_csv", "/nowhere.csv", "config.data.train_csv: file not found"),
-        ("model.ecapa_tdnn.dilations", (1, 2, 3), "config.model.ecapa_tdnn.dilations: needs 5 entries"),
+        ("model.ecapa_tdnn.dilations", (1, 2), "config.model.ecapa_tdnn.dilations: needs 3 entries"),
         ("data.augment.strategy", "chorus", "config.data: augment strategy must be one of"),
         ("data.augment.on", "gpu", "config.data.augment.on: must be one of"),
         ("train.input_wait_warning", 1.5, r"config.train.input_wait_warning: must be in \[0, 1\)"),

@@ -101,9 +101,4 @@ def test_vicreg_ssps_step_replaces_view_2_and_queues_the_original(demo_dir):
 
 
 def test_vicreg_ssps_resume_reproduces_the_losses(demo_dir, tmp_path):
-    def make():
-        config = ssps_run_config(_small_config(demo_dir))
-        return config
-
-    train = assert_resume_in_ssps_epoch_reproduces(make, tmp_path)
-    assert train[-1]["loss"] < train[0]["loss"]
+    assert_resume_in_ssps_epoch_reproduces(lambda: ssps_run_config(_small_config(demo_dir)), tmp_path)

@@ -50,15 +50,18 @@ def _train(argv, monkeypatch) -> list:
         save_config(*args)
         raise _Stop
 
+    def no_checkpoints(directory, *args, **kwargs):
+        directory.mkdir(parents=True)  # as orbax's manager makes it
+        return SimpleNamespace(restore_newest=lambda *a, **k: None, close=lambda: None)
+
     save_config = train_lib.save_config
-    no_checkpoints = SimpleNamespace(restore_newest=lambda *a, **k: None, close=lambda: None)
     monkeypatch.setattr(train_lib, "_load_source", load_source)
     monkeypatch.setattr(train_lib.input_pipeline, "train_labels", lambda data, size: None)
     monkeypatch.setattr(train_lib, "build", lambda *a, **k: (SimpleNamespace(steps_per_epoch=1, model=None), None))
     monkeypatch.setattr(train_lib.verification, "make_trial_evaluator", lambda *a: None)
     monkeypatch.setattr(train_lib.input_pipeline, "train_dataset", lambda *a, **k: None)
     monkeypatch.setattr(train_lib.input_pipeline, "make_iterator", lambda *a, **k: None)
-    monkeypatch.setattr(train_lib.checkpoint, "Checkpointer", lambda *a, **k: no_checkpoints)
+    monkeypatch.setattr(train_lib.checkpoint, "Checkpointer", no_checkpoints)
     monkeypatch.setattr(train_lib, "save_config", save_then_stop)
     with pytest.raises(_Stop):
         cli.main(["train", *argv])
