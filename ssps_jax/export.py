@@ -226,7 +226,9 @@ def _quiet_jax2onnx():
 
 
 # The jaxpr rewrite used only for ONNX. A small interpreter, like jax.core.eval_jaxpr, that inlines nested
-# `jit`s and replaces two primitives; everything else is re-bound unchanged.
+# `jit`s, resolves `lax.platform_dependent` to its CPU branch (an ONNX graph has no platform; the log-mel's
+# CPU branch is the FFT, which becomes the real DFT below) and replaces two primitives; everything else is
+# re-bound unchanged.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +257,8 @@ def real_dft(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 def onnx_friendly(fn: Callable) -> Callable:
-    """`fn` with rfft as a real DFT (matmuls) and integer rem as x - trunc(x / y) * y: same values, ONNX-clean."""
+    """`fn` with platform-dependent code as on a CPU, rfft as a real DFT (matmuls) and integer rem as
+    x - trunc(x / y) * y: same values, ONNX-clean."""
 
     def rewritten(*args):
         closed, out_shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
@@ -288,6 +291,11 @@ def _evaluate(jaxpr, consts, args):
             outs = [_Spectrum(*real_dft(ins[0], eqn.params["fft_lengths"][0]))]
         elif name in ("real", "imag") and isinstance(ins[0], _Spectrum):
             outs = [ins[0].re if name == "real" else ins[0].im]
+        elif name == "platform_index":  # lax.platform_dependent (the log-mel): ONNX takes the CPU formulation
+            outs = [next(i for i, p in enumerate(eqn.params["platforms"]) if p is not None and "cpu" in p)]
+        elif name == "cond" and isinstance(ins[0], int):  # the branch platform_index chose, inlined
+            branch = eqn.params["branches"][ins[0]]
+            outs = _evaluate(branch.jaxpr, branch.consts, ins[1:])
         elif name == "rem" and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.integer):
             x, y = ins
             outs = [lax.sub(x, lax.mul(lax.div(x, y), y))]  # lax.div truncates towards zero, as rem does

@@ -245,11 +245,20 @@ def test_commands_pass_their_flags_to_the_library(tmp_path, monkeypatch):
 
     _record(monkeypatch, distributed, "initialize")
     calls = _record(monkeypatch, bench_train, "main")
-    cli.main(["bench", "--config", DEMO_CONFIG, "--kmeans-n", "480", "--kmeans-k", "12", "--dtype", "bfloat16"])
+    sizes = ["--kmeans-n", "480", "--kmeans-k", "12", "--dtype", "bfloat16", "--bytes-by-op", "5"]
+    cli.main(["bench", "--config", DEMO_CONFIG, *sizes])
     [((config,), kwargs)] = calls
     assert config.train.epochs == 12  # demo_simclr's
     assert kwargs == dict(
-        steps=20, warmup=3, batch=None, dtype="bfloat16", kmeans_n=480, kmeans_k=12, json_path=None, baseline=None
+        steps=20,
+        warmup=3,
+        batch=None,
+        dtype="bfloat16",
+        kmeans_n=480,
+        kmeans_k=12,
+        json_path=None,
+        baseline=None,
+        bytes_by_op=5,
     )
 
     calls = _record(monkeypatch, bench_input, "main")
