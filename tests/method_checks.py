@@ -176,6 +176,15 @@ def ssps_step_on_8_devices(method, config, batch, *, extra=None):
     return initial, after, metrics, rows[:, 0], mask
 
 
+def view_2_replaced(method, config, initial, batch, rows, mask):
+    """The one-device reference of a siamese SSPS step (`ssps_step_on_8_devices`): the two views' outputs z1, z2
+    of the initial variables in training mode, and z2 with the queue rows in place of the covered anchors'."""
+    variables = {"params": initial.params, "batch_stats": initial.batch_stats}
+    (z1, z2), _ = method.build_model(config).apply(variables, batch["views"], train=True, mutable=["batch_stats"])
+    z1, z2 = np.asarray(z1), np.asarray(z2)
+    return z1, z2, np.where(mask[:, None], rows[0], z2)
+
+
 def records(workdir, kind):
     return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 

@@ -15,6 +15,7 @@ from method_checks import (
     ssps_run_config,
     ssps_step_on_8_devices,
     tiny_method_config,
+    view_2_replaced,
 )
 
 from ssps_jax import sharding
@@ -87,14 +88,8 @@ def test_barlow_twins_ssps_step_replaces_view_2_and_queues_the_original(demo_dir
     config = _small_config(demo_dir)
     batch = siamese_batch(np.random.default_rng(0), N, config)
     initial, after, metrics, rows, mask = ssps_step_on_8_devices(METHOD, config, batch)
-    (z1, z2), _ = METHOD.build_model(config).apply(
-        {"params": initial.params, "batch_stats": initial.batch_stats},
-        batch["views"],
-        train=True,
-        mutable=["batch_stats"],
-    )
-    used = np.where(mask[:, None], rows[0], z2)
-    assert float(metrics["loss"]) == pytest.approx(_barlow_twins_numpy(np.asarray(z1), used), rel=1e-4)
+    z1, z2, used = view_2_replaced(METHOD, config, initial, batch, rows, mask)
+    assert float(metrics["loss"]) == pytest.approx(_barlow_twins_numpy(z1, used), rel=1e-4)
     np.testing.assert_allclose(after.ssps.pos_emb[0, 1], z2, atol=1e-4)  # float32, BatchNorm over 16
 
 

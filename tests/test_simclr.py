@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from method_checks import N, siamese_batch, ssps_step_on_8_devices, tiny_method_config
+from method_checks import N, siamese_batch, ssps_step_on_8_devices, tiny_method_config, view_2_replaced
 
 from data_pipelines.errors import ConfigError
 from ssps_jax import config as config_lib
@@ -236,15 +236,9 @@ def test_simclr_ssps_step_with_adaface_margins_keeps_the_running_statistics(demo
     assert {k: float(v) for k, v in initial.method_state["margin_stats"].items()} == margins.INITIAL_STATS[
         "nt-xent-adaface"
     ]
-    (z1, z2), _ = simclr.METHOD.build_model(config).apply(
-        {"params": initial.params, "batch_stats": initial.batch_stats},
-        batch["views"],
-        train=True,
-        mutable=["batch_stats"],
-    )
-    used = np.where(mask[:, None], rows[0], z2)
+    z1, _, used = view_2_replaced(simclr.METHOD, config, initial, batch, rows, mask)
     initial_stats = margins.INITIAL_STATS["nt-xent-adaface"]
-    want, want_stats = _margins_numpy(np.asarray(z1), used, "nt-xent-adaface", 0.03, stats=initial_stats)
+    want, want_stats = _margins_numpy(z1, used, "nt-xent-adaface", 0.03, stats=initial_stats)
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4)
     for key, value in after.method_state["margin_stats"].items():
         assert float(value) == pytest.approx(want_stats[key], rel=1e-4)

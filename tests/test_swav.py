@@ -13,6 +13,7 @@ from method_checks import (
     ssps_run_config,
     ssps_step_on_8_devices,
     tiny_method_config,
+    view_2_replaced,
 )
 
 from ssps_jax import sharding
@@ -134,9 +135,8 @@ def test_swav_ssps_replaces_view_2_and_queues_the_originals(demo_dir):
     config = _small_config(demo_dir)
     batch = siamese_batch(np.random.default_rng(0), N, config)
     initial, after, metrics, rows, mask = ssps_step_on_8_devices(METHOD, config, batch, extra=_random_queue)
+    z1, z2, used = view_2_replaced(METHOD, config, initial, batch, rows, mask)
     variables = {"params": initial.params, "batch_stats": initial.batch_stats}
-    (z1, z2), _ = METHOD.build_model(config).apply(variables, batch["views"], train=True, mutable=["batch_stats"])
-    used = np.where(mask[:, None], rows[0], z2)
     want = _reference_loss(config, variables, z1, used, initial.method_state["queue"], use_queue=True)
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4)
     np.testing.assert_allclose(after.ssps.pos_emb[0, 1], z2, atol=1e-4)  # the original z2 ...
