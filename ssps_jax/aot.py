@@ -94,16 +94,18 @@ def devices_per_chip(name: str, devices: list) -> int:
 class Collective:
     op: str
     bytes: int  # of its result, on one device
+    shapes: tuple[tuple[int, ...], ...] = ()  # of its result's arrays
 
 
 def collectives(hlo: str) -> list[Collective]:
     """The collectives of an optimised HLO module (its text), with their result sizes."""
     found = []
     for m in _HLO_OP.finditer(hlo):
-        arrays = [_array_bytes(a) for a in _HLO_ARRAY.finditer(m["type"])]
+        arrays = list(_HLO_ARRAY.finditer(m["type"]))
         if m["start"] and m["op"] in ("all-gather", "collective-permute") and len(arrays) > 1:
             arrays = arrays[len(arrays) // 2 :]  # (operands, results) of the asynchronous start
-        found.append(Collective(m["op"], sum(arrays)))
+        shapes = tuple(tuple(int(d) for d in a["dims"].split(",") if d) for a in arrays)
+        found.append(Collective(m["op"], sum(_array_bytes(a) for a in arrays), shapes))
     return found
 
 
@@ -136,7 +138,7 @@ class ProgramReport:
     flops: float
     bytes_accessed: float
     collectives: dict[str, dict[str, int]]  # op -> {"count", "bytes"}
-    queue_all_gathers: int  # all-gathers as large as an SSPS queue: must be 0
+    queue_all_gathers: int  # all-gathers of a whole SSPS queue (a queue's global shape): must be 0
     compile_seconds: float
     samples: int  # examples one call processes (global batch), 0 for the clustering
     bytes_account: dict | None = None  # hlo_bytes.summary: bytes by part and pass, the largest ops
@@ -290,8 +292,9 @@ def _program_report(name: str, compiled, parts: dict, state, seconds: float, sam
         op: {"count": n, "bytes": sum(c.bytes for c in found if c.op == op)}
         for op, n in Counter(c.op for c in found).items()
     }
-    queues = [] if state.ssps is None else [state.ssps.ref_emb, state.ssps.pos_emb]
-    smallest_queue = min((global_bytes(q) for q in queues), default=math.inf)
+    # A queue gathered whole is an all-gather with a queue's global shape among its results (the parameters'
+    # all-gathers of update_sharding.py can be as large as a small config's queues).
+    queues = set() if state.ssps is None else {tuple(state.ssps.ref_emb.shape), tuple(state.ssps.pos_emb.shape)}
     return ProgramReport(
         name=name,
         arguments={part: device_bytes(tree) for part, tree in parts.items() if jax.tree.leaves(tree)},
@@ -303,7 +306,7 @@ def _program_report(name: str, compiled, parts: dict, state, seconds: float, sam
         flops=float(cost.get("flops", 0.0)),
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         collectives=summary,
-        queue_all_gathers=sum(1 for c in found if c.op == "all-gather" and c.bytes >= smallest_queue),
+        queue_all_gathers=sum(1 for c in found if c.op == "all-gather" and queues & set(c.shapes)),
         compile_seconds=seconds,
         samples=samples,
     )

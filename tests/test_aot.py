@@ -138,6 +138,7 @@ def test_collectives_are_read_from_the_hlo_with_their_sizes():
     found = aot.collectives(fn.lower(queue).compile().as_text())
     gathers = [c for c in found if c.op == "all-gather"]
     assert [c.bytes for c in gathers] == [16 * 8 * 4]  # the whole queue on every device
+    assert [c.shapes for c in gathers] == [((16, 8),)]  # what the reports match against the queues' shapes
     assert any(c.op == "all-reduce" and c.bytes == 4 for c in found)
 
 
