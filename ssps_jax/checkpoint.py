@@ -89,7 +89,10 @@ def _quiet_failed_io_echoes() -> None:
     closed loop, which raises `RuntimeError: Event loop is closed` in a TensorStore thread, printed
     as a traceback (hundreds of them, saying nothing about the failure). Scheduling on a closed loop
     is dropped instead: nothing can run there any more. Orbax also logs the failure again from each
-    of its signalling threads; those records are filtered from the absl logger.
+    of its signalling threads; those records are filtered from the absl logger. When a full disk fails
+    the writes of several sharded arrays at once (the optimizer state split over the devices), orbax
+    retrieves the first failure and asyncio logs each other one at exit ("Task exception was never
+    retrieved"): filtered from the asyncio logger when the failure is the storage-full one reported.
     """
     loop_class = asyncio.BaseEventLoop
     if getattr(loop_class.call_soon_threadsafe, "_drops_when_closed", False):
@@ -104,6 +107,7 @@ def _quiet_failed_io_echoes() -> None:
     call_soon_threadsafe._drops_when_closed = True
     loop_class.call_soon_threadsafe = call_soon_threadsafe
     logging.getLogger("absl").addFilter(_not_an_io_echo)
+    logging.getLogger("asyncio").addFilter(_not_an_io_echo)
 
 
 def _not_an_io_echo(record: logging.LogRecord) -> bool:
