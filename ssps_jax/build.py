@@ -3,7 +3,8 @@
 `train`, `evaluate` and `ssps-jax bench` all start here, so a run is built
 one way whatever uses it: the method from the registry (methods/), its model
 with BatchNorm synchronised over the `data` axis, its optimizer and
-schedules laid out over `train.epochs`, the initial train state directly in
+schedules laid out over `train.epochs` (its update split over the devices
+where it allows: update_sharding.py), the initial train state directly in
 its layout on the mesh (with the SSPS queues when `ssps.enabled`), the
 partition specs, and the jitted shard_map step programs: the plain step and,
 with SSPS, the SSPS step. `abstract=True` builds the same with shapes and
@@ -22,11 +23,11 @@ from jax.sharding import Mesh
 
 from data_pipelines import input_pipeline
 from data_pipelines.errors import ConfigError
-from ssps_jax import methods, sharding
+from ssps_jax import methods, optim, sharding, update_sharding
 from ssps_jax.methods.base import Method
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps.lifecycle import SSPS
-from ssps_jax.train_state import TrainState, init_train_state, partition_specs
+from ssps_jax.train_state import TrainState, init_train_state, opt_specs, partition_specs
 from ssps_jax.train_step import make_train_step
 
 
@@ -83,6 +84,7 @@ def build(
         state = method.init_state(config, variables)
         return {**(state or {}), **from_labels} if from_labels else state
 
+    split = optim.split_min_size(config.optim)
     state = init_train_state(
         model,
         tx,
@@ -91,6 +93,7 @@ def build(
         mesh,
         init_method_state=init_method_state,
         method_specs=method.state_specs,
+        split_update_min_size=split,
         abstract=abstract,
     )
     ssps = SSPS.from_config(config.ssps, per_epoch, mesh)
@@ -106,10 +109,15 @@ def build(
         abstract=abstract,
     )
     state = state.replace(ssps=queues)
-    specs = partition_specs(state, None if state.method_state is None else method.state_specs(state.method_state))
+    specs = partition_specs(
+        state,
+        None if state.method_state is None else method.state_specs(state.method_state),
+        opt_specs(state, mesh, split),
+    )
+    axes = update_sharding.split_axes(state.params, mesh.size, split)
     settings = method.settings(config, per_epoch, total)
-    plain_step = make_train_step(method, model, tx, mesh, settings, specs)
-    ssps_step = make_train_step(method, model, tx, mesh, settings, specs, ssps) if ssps.enabled else None
+    plain_step = make_train_step(method, model, tx, mesh, settings, specs, update_axes=axes)
+    ssps_step = make_train_step(method, model, tx, mesh, settings, specs, ssps, axes) if ssps.enabled else None
     run = Run(
         config=config,
         mesh=mesh,

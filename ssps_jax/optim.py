@@ -8,6 +8,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from ssps_jax import update_sharding
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "warmup_cosine", "constant")
 
@@ -31,6 +33,11 @@ def default_config() -> dict:
         "clip_grad_norm": 0.0,  # 0: off
         "clip_grad_per_param": 0.0,  # DINO: each tensor's gradient norm <= this; 0: off
         "decay_biases_and_norms": True,  # False: weight decay on weights (ndim > 1) only
+        # Each device updates 1/n of every parameter of at least split_update_min_size elements (and holds
+        # 1/n of its optimizer state) instead of all of it (ssps_jax/update_sharding.py). False: every device
+        # updates everything; the same numbers up to the order of the gradients' sums.
+        "split_update": True,
+        "split_update_min_size": 1 << 16,
     }
 
 
@@ -47,12 +54,19 @@ def validate(o: ml_collections.ConfigDict, fail) -> None:
         "weight_decay",
         "clip_grad_norm",
         "clip_grad_per_param",
+        "split_update_min_size",
         "min_learning_rate",
         "warmup_epochs",
         "lr_scale_from_epoch",
     ):
         if o[key] < 0:
             fail(f"optim.{key}", f"must be >= 0, got {o[key]}")
+
+
+def split_min_size(optim: ml_collections.ConfigDict) -> int | None:
+    """The size from which a parameter's update is split over the devices (update_sharding.py); None: no
+    update is split."""
+    return optim.split_update_min_size if optim.split_update else None
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -84,19 +98,38 @@ def _schedule(optim: ml_collections.ConfigDict, lr: float, steps_per_epoch: int,
     return optax.constant_schedule(lr)
 
 
-def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm, also when each device holds only parts of some gradients.
+
+    `split_axes` (the extra argument the train step passes; update_sharding.py) says which leaves are parts:
+    their squares are summed over the devices, so every device scales by the norm of the whole gradients.
+    """
+
+    def clip(updates, state, params=None, *, split_axes=None, **_):
+        del params
+        norm = update_sharding.global_norm(updates, split_axes)
+        scale = lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm)  # noqa: E731
+        return jax.tree.map(scale, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), clip)
+
+
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """Scales each parameter's gradient to norm <= max_norm, separately (sslsv's DINO clipping).
 
     optax's clip_by_global_norm clips the norm of all gradients together; DINO
-    clips every tensor on its own: g * min(1, max_norm / (||g|| + 1e-6)).
+    clips every tensor on its own: g * min(1, max_norm / (||g|| + 1e-6)), with
+    ||g|| the norm of the whole tensor where this device holds a part of it
+    (`split_axes`, as clip_by_global_norm).
     """
 
-    def clip(updates, state, params=None):
+    def clip(updates, state, params=None, *, split_axes=None, **_):
         del params
-        scale = lambda g: g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g) + 1e-6))  # noqa: E731
-        return jax.tree.map(scale, updates), state
+        norms = update_sharding.leaf_norms(updates, split_axes)
+        scale = lambda g, norm: g * jnp.minimum(1.0, max_norm / (norm + 1e-6))  # noqa: E731
+        return jax.tree.map(scale, updates, norms), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), clip)
 
 
 def _matrices(params):
@@ -126,7 +159,7 @@ def make_optimizer(
     schedule = learning_rate_schedule(optim, steps_per_epoch, total_steps)
     parts = []
     if optim.clip_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(optim.clip_grad_norm))
+        parts.append(clip_by_global_norm(optim.clip_grad_norm))
     if optim.clip_grad_per_param > 0:
         parts.append(clip_each_by_norm(optim.clip_grad_per_param))
     mask = None if optim.decay_biases_and_norms else _matrices

@@ -1,8 +1,9 @@
 """The device mesh and how arrays are laid out on it.
 
-One 1-D mesh axis, `data`, spans every device of every process. Parameters,
-optimizer state and BatchNorm statistics are replicated on it; batches are
-split along it. Each process feeds only its own slice of a global batch
+One 1-D mesh axis, `data`, spans every device of every process. Parameters
+and BatchNorm statistics are replicated on it; batches, the SSPS queues and
+the optimizer state of the large parameters (update_sharding.py) are split
+along it. Each process feeds only its own slice of a global batch
 (`global_batch`), so the same code runs on one host or on a pod.
 """
 

@@ -14,6 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ssps_jax import update_sharding
 from ssps_jax.ssps.state import SSPSState
 from ssps_jax.ssps.state import partition_specs as ssps_partition_specs
 
@@ -29,15 +30,16 @@ class TrainState:
     method_state: dict | None = None  # the method's own state (DINO: teacher and centre), see Method.init_state
 
 
-def partition_specs(state: TrainState, method_specs: dict | None = None) -> TrainState:
-    """Layout of every field on the mesh: all replicated but the SSPS queues (and what `method_specs` splits)."""
+def partition_specs(state: TrainState, method_specs: dict | None = None, opt_specs=None) -> TrainState:
+    """Layout of every field on the mesh: all replicated but the SSPS queues, the optimizer state as `opt_specs`
+    says (update_sharding.opt_state_specs) and the method's state as `method_specs` does."""
     if method_specs is None and state.method_state is not None:
         method_specs = jax.tree.map(lambda _: P(), state.method_state)
     return TrainState(
         step=P(),
         params=P(),
         batch_stats=P(),
-        opt_state=P(),
+        opt_state=P() if opt_specs is None else opt_specs,
         rng=P(),
         ssps=None if state.ssps is None else ssps_partition_specs(),
         method_state=method_specs,
@@ -66,6 +68,14 @@ def from_dict(like: TrainState, fields: dict) -> TrainState:
     return like.replace(**fields)
 
 
+def opt_specs(state: TrainState, mesh: Mesh, min_size: int | None):
+    """The layout of `state`'s optimizer state with the update of parameters of at least `min_size` elements
+    split over `mesh` (update_sharding.py; None: replicated)."""
+    if min_size is None:
+        return None
+    return update_sharding.opt_state_specs(state.opt_state, state.params, mesh.size, min_size)
+
+
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(the parameters' initialisation key, the state's base key `rng`) of a run with `seed`."""
     init_key, base_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -80,6 +90,7 @@ def init_train_state(
     mesh: Mesh,
     init_method_state: Callable[[dict], dict | None] | None = None,
     method_specs: Callable[[dict], dict] | None = None,
+    split_update_min_size: int | None = None,
     abstract: bool = False,
 ) -> TrainState:
     """Initial state, created directly in its layout on `mesh` (identical on every process).
@@ -108,7 +119,11 @@ def init_train_state(
         )
 
     shapes = jax.eval_shape(init)
-    specs = partition_specs(shapes, None if method_specs is None else method_specs(shapes.method_state))
+    specs = partition_specs(
+        shapes,
+        None if method_specs is None else method_specs(shapes.method_state),
+        opt_specs(shapes, mesh, split_update_min_size),
+    )
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
     jitted = jax.jit(init, out_shardings=shardings)
     return jitted.eval_shape() if abstract else jitted()

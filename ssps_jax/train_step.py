@@ -3,7 +3,8 @@
 `step(state, batch, rng) -> (state, metrics)` is written for one device, in
 pmap's programming model: it sees its slice of the global batch, BatchNorm
 and the losses talk to the other devices through collectives over the
-`data` axis, and gradients are averaged with `pmean`. `method_step` is that
+`data` axis, and gradients are averaged over it (each device receiving the mean of the part of the
+large parameters whose update it makes: update_sharding.py). `method_step` is that
 step for any method: the method supplies its parts (methods/base.py: target,
 forward, loss, update, and which branch is the positive one) and this module
 does the rest, the same way for all. `make_train_step` wraps it in
@@ -33,19 +34,29 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ssps_jax import device_augment
+from ssps_jax import device_augment, update_sharding
 from ssps_jax.sharding import DATA
 from ssps_jax.ssps import step as ssps_step
 from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.train_state import TrainState
 
 
-def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation):
-    """Averages per-device gradients over the mesh and takes one optimizer step: (params, opt_state, grad norm)."""
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, axes=None):
+    """Averages per-device gradients over the mesh and takes one optimizer step: (params, opt_state, grad norm).
+
+    `axes` (update_sharding.split_axes; None: no leaf split) says which parameters each device updates only its
+    part of, with its part of the optimizer state; the new parameters come back whole on every device.
+    """
+    if axes is None:
+        axes = jax.tree.map(lambda _: None, grads)
     # The loss is a mean over devices of per-device means: so are the gradients.
-    grads = lax.pmean(grads, DATA)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), opt_state, optax.tree.norm(grads)
+    grads = update_sharding.mean_gradients(grads, axes)
+    params = update_sharding.own_part(state.params, axes)
+    # The clipping transforms (optim.py) take norms of whole tensors: they sum the parts' squares over the mesh.
+    tx = optax.with_extra_args_support(tx)
+    updates, opt_state = tx.update(grads, state.opt_state, params, split_axes=axes)
+    params = update_sharding.gather(optax.apply_updates(params, updates), axes)
+    return params, opt_state, update_sharding.global_norm(grads, axes)
 
 
 def reference_and_positives(model: nn.Module, variables, state: TrainState, batch: dict, rng, ssps: SSPS):
@@ -58,10 +69,12 @@ def reference_and_positives(model: nn.Module, variables, state: TrainState, batc
     return y_ref, positives, mask, metrics
 
 
-def method_step(method, state: TrainState, batch: dict, rng, *, model: nn.Module, tx, settings, ssps: SSPS | None):
+def method_step(
+    method, state: TrainState, batch: dict, rng, *, model: nn.Module, tx, settings, ssps: SSPS | None, update_axes=None
+):
     """One step of `method` (a methods.base.Method) on this device's examples (call inside shard_map).
 
-    `rng` is the step key shared by all devices; `ssps` is None without SSPS.
+    `rng` is the step key shared by all devices; `ssps` is None without SSPS; `update_axes` as apply_gradients.
     """
     # This device's randomness (stochastic layers): the step key folded with the device index.
     device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
@@ -101,7 +114,7 @@ def method_step(method, state: TrainState, batch: dict, rng, *, model: nn.Module
     (loss, (batch_stats, outputs, positive, loss_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
-    params, opt_state, grad_norm = apply_gradients(state, grads, tx)
+    params, opt_state, grad_norm = apply_gradients(state, grads, tx, update_axes)
     method_state, update_metrics = method.update(state, params, outputs, positive, target, settings=settings)
     new_state = state.replace(
         step=state.step + 1,
@@ -128,14 +141,21 @@ def make_train_step(
     settings,
     state_specs: TrainState,
     ssps: SSPS | None = None,
+    update_axes=None,
 ):
-    """The global step of `method` (a methods.base.Method): jit(shard_map(step)); donates the input state."""
+    """The global step of `method` (a methods.base.Method): jit(shard_map(step)); donates the input state.
+
+    `update_axes`: the parameters whose update is split over the mesh (update_sharding.split_axes; None: none),
+    as the optimizer state's layout in `state_specs` says.
+    """
 
     def step(state, batch, rng):
         # With data.augment.on = "device" the views are augmented here, on this device's examples, before any
         # method sees them; a batch of float32 waveforms passes unchanged.
         batch = device_augment.model_batch(batch)
-        return method_step(method, state, batch, rng, model=model, tx=tx, settings=settings, ssps=ssps)
+        return method_step(
+            method, state, batch, rng, model=model, tx=tx, settings=settings, ssps=ssps, update_axes=update_axes
+        )
 
     step.__name__ = f"{method.name}_step"  # what XLA's compile logs and profiles call the program
     # check_vma=False: the per-device (pmap) model, where a replicated input's

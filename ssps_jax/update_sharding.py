@@ -1,0 +1,136 @@
+"""The optimizer update split over the devices (weight-update sharding, ZeRO stage 1).
+
+Parameters stay replicated: every device holds them whole for its forward and
+backward. But applying the optimizer on every device to all of them repeats
+the same work n times: on the paper's SimCLR-SSPS step each device read the
+parameters, the averaged gradients and both Adam moments of all 22.5 M
+parameters and wrote three of them back, a fifth of the step's memory
+traffic (docs/performance.md). Here each large parameter has one *split
+axis*: the gradients are reduce-scattered along it instead of all-reduced
+(each device receives the mean of its 1/n), each device updates its 1/n of
+the parameter and of the optimizer state, and the new parameter is
+all-gathered. An all-reduce is a reduce-scatter followed by an all-gather, so
+the collectives move what they moved before; the optimizer's memory traffic
+and its state's memory are divided by n. (Xu et al. 2020, "Automatic
+cross-replica sharding of weight update in data-parallel training"; Rajbhandari
+et al. 2020, ZeRO stage 1.)
+
+A leaf is split when it has at least `optim.split_update_min_size` elements
+(64 Ki by default: smaller ones are not worth three collectives each) and an
+axis whose size the device count divides (the largest such axis); the others,
+and every leaf on one device, are updated whole on every device as before. The
+optimizer state keeps each parameter's shape and only changes layout, so a
+checkpoint restores onto any number of devices. The optimizer's transforms
+see this device's parts: Adam, SGD, weight decay and masks treat each
+element on their own; the clipping transforms of optim.py, which take norms
+over a tensor or over all, get `split_axes` from the train step and sum the
+parts' squares over the devices (`leaf_norms`, `global_norm`).
+
+The functions below run inside the train step's shard_map, over the `data`
+axis; `axes` is `split_axes`'s tree (an int or None per parameter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from ssps_jax.sharding import DATA
+
+
+def _split_axis(shape: tuple[int, ...], num_devices: int, min_size: int | None) -> int | None:
+    """The axis a leaf of `shape` is split along: its largest axis that `num_devices` divides; None: whole."""
+    if min_size is None or num_devices <= 1 or math.prod(shape) < min_size:
+        return None
+    divisible = [a for a, size in enumerate(shape) if size % num_devices == 0]
+    return max(divisible, key=lambda a: shape[a], default=None)
+
+
+def split_axes(params, num_devices: int, min_size: int | None):
+    """A tree like `params` (arrays or shapes): the axis each leaf's update is split along, or None (whole).
+    `min_size` None: no leaf is split."""
+    return jax.tree.map(lambda leaf: _split_axis(tuple(leaf.shape), num_devices, min_size), params)
+
+
+def _spec(axis: int | None) -> P:
+    return P() if axis is None else P(*([None] * axis), DATA)
+
+
+def opt_state_specs(opt_state, params, num_devices: int, min_size: int | None):
+    """Partition specs of an optimizer state (arrays or shapes): each array of a parameter's shape (Adam's
+    moments, a momentum) split as that parameter's update is, the rest (step counts) replicated.
+
+    By shape, since the split axis depends on the shape alone: optax's own `tree_map_params` cannot see
+    through `multi_transform`'s masked states (DINO's and SwAV's frozen layers).
+    """
+    shapes = {tuple(p.shape) for p in jax.tree.leaves(params)}
+
+    def spec(leaf):
+        shape = tuple(leaf.shape)
+        return _spec(_split_axis(shape, num_devices, min_size)) if shape in shapes else P()
+
+    return jax.tree.map(spec, opt_state)
+
+
+def _map(f, axes, *trees):
+    """f(leaves..., axis) over trees shaped like the parameters (`axes`' None leaves kept as leaves)."""
+    return jax.tree.map(lambda axis, *leaves: f(*leaves, axis), axes, *trees, is_leaf=lambda x: x is None)
+
+
+def mean_gradients(grads, axes):
+    """The mean over devices of each gradient: whole (all-reduce) or this device's part of it (reduce-scatter)."""
+
+    def mean(g, axis):
+        if axis is None:
+            return lax.pmean(g, DATA)
+        return lax.psum_scatter(g, DATA, scatter_dimension=axis, tiled=True) / lax.axis_size(DATA)
+
+    return _map(mean, axes, grads)
+
+
+def own_part(params, axes):
+    """This device's part of each split parameter (what its optimizer state is of); whole leaves as they are."""
+
+    def part(p, axis):
+        if axis is None:
+            return p
+        size = p.shape[axis] // lax.axis_size(DATA)
+        return lax.dynamic_slice_in_dim(p, lax.axis_index(DATA) * size, size, axis)
+
+    return _map(part, axes, params)
+
+
+def gather(parts, axes):
+    """Every device's parts put together again: the whole, replicated parameters."""
+
+    def whole(p, axis):
+        return p if axis is None else lax.all_gather(p, DATA, axis=axis, tiled=True)
+
+    return _map(whole, axes, parts)
+
+
+def leaf_norms(parts, axes=None):
+    """The L2 norm of each whole leaf, from this device's part of it where it is split (`axes` None: none is)."""
+    axes = jax.tree.map(lambda _: None, parts) if axes is None else axes
+
+    def norm(g, axis):
+        square = jnp.sum(jnp.square(g.astype(jnp.float32)))
+        return jnp.sqrt(square if axis is None else lax.psum(square, DATA))
+
+    return _map(norm, axes, parts)
+
+
+def global_norm(parts, axes=None) -> jax.Array:
+    """The L2 norm of the whole tree, from each device's parts of the split leaves and the whole others."""
+    if axes is None:
+        return optax.tree.norm(parts)
+    whole, split = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for g, axis in zip(jax.tree.leaves(parts), jax.tree.leaves(axes, is_leaf=lambda x: x is None)):
+        square = jnp.sum(jnp.square(g.astype(jnp.float32)))
+        whole, split = (whole + square, split) if axis is None else (whole, split + square)
+    return jnp.sqrt(whole + lax.psum(split, DATA))
