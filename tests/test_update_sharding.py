@@ -8,7 +8,7 @@ from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
 from ssps_jax import optim, sharding, update_sharding
-from ssps_jax.methods import common, simclr
+from ssps_jax.methods import simclr
 from ssps_jax.train_state import init_train_state, opt_specs, partition_specs
 from ssps_jax.train_step import make_train_step
 
@@ -76,23 +76,3 @@ def test_split_update_equals_the_whole_update_and_holds_an_eighth_of_the_state(d
         np.asarray(kernel),
         np.asarray(init_train_state(model, tx, 0, example, mesh).params["encoder"]["mfa"]["conv"]["conv"]["kernel"]),
     )
-
-
-def test_the_teachers_ema_split_over_the_devices_is_the_whole_ema():
-    """common.ema with split_min_size (DINO's teacher, BYOL's target, MoCo's key network): each device updates
-    its eighth of the large leaves and gathers them; the same numbers as the whole EMA, on every device."""
-    mesh = sharding.make_mesh()
-    rng = np.random.default_rng(0)
-    teacher = {"w": rng.normal(size=(3, 64, 24)), "b": rng.normal(size=(24,))}
-    student = {k: rng.normal(size=v.shape) for k, v in teacher.items()}
-    tau = jnp.float32(0.9)
-
-    def per_device(t, s):
-        return common.ema(t, s, tau, split_min_size=64), common.ema(t, s, tau)
-
-    fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()), check_vma=False))
-    split, whole = fn(*jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (teacher, student)))
-    assert update_sharding.split_axes(teacher, 8, 64) == {"w": 1, "b": None}
-    for k in teacher:
-        np.testing.assert_array_equal(np.asarray(split[k]), np.asarray(whole[k]))
-        np.testing.assert_allclose(np.asarray(whole[k]), 0.9 * teacher[k] + 0.1 * student[k], rtol=1e-5, atol=1e-6)

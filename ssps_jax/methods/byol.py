@@ -35,7 +35,6 @@ from ssps_jax.methods.base import Fail, Target
 from ssps_jax.methods.common import SiameseMethod, ema, momentum_tau, normalise, validate_momentum
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
-from ssps_jax.optim import split_min_size
 
 
 class BYOL(nn.Module):
@@ -84,7 +83,6 @@ class BYOLSettings:
     end_tau: float
     tau_scheduler: bool
     total_steps: int
-    split_min_size: int | None = None  # the EMA split over the devices as the update is (common.ema)
 
 
 class BYOLMethod(SiameseMethod):
@@ -128,7 +126,7 @@ class BYOLMethod(SiameseMethod):
 
     def settings(self, config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> BYOLSettings:
         b = config.byol
-        return BYOLSettings(b.start_tau, b.end_tau, b.tau_scheduler, total_steps, split_min_size(config.optim))
+        return BYOLSettings(b.start_tau, b.end_tau, b.tau_scheduler, total_steps)
 
     def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict:
         """The target network starts as a copy of the online encoder and projector."""
@@ -161,7 +159,7 @@ class BYOLMethod(SiameseMethod):
         old = state.method_state["target"]
         tau = momentum_tau(state.step, s.total_steps, s.start_tau, s.end_tau, s.tau_scheduler)
         online = {k: params[k] for k in old["params"]}
-        return {"target": {"params": ema(old["params"], online, tau, s.split_min_size), **target.updates}}, {
+        return {"target": {"params": ema(old["params"], online, tau), **target.updates}}, {
             "tau": jnp.asarray(tau, jnp.float32)
         }
 

@@ -21,11 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from ssps_jax import update_sharding
 from ssps_jax.methods.base import Fail, Method, views_input
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import Projector
-from ssps_jax.sharding import DATA
 
 
 def gathered(x: jnp.ndarray, axis_name: str | None) -> tuple[jnp.ndarray, jnp.ndarray | int]:
@@ -42,19 +40,9 @@ def normalise(x: jnp.ndarray) -> jnp.ndarray:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def ema(teacher, student, tau: jnp.ndarray, split_min_size: int | None = None):
-    """teacher <- tau teacher + (1 - tau) student, leaf by leaf.
-
-    With `split_min_size` (optim.split_min_size; inside the train step's shard_map) each device computes only
-    its part of the leaves the optimizer update splits (update_sharding.py) and the parts are all-gathered:
-    the teacher stays whole on every device, for 1/n of the reads and writes. The same numbers either way.
-    """
-    step = lambda t, s: tau * t + (1 - tau) * s  # noqa: E731
-    if split_min_size is None:
-        return jax.tree.map(step, teacher, student)
-    axes = update_sharding.split_axes(teacher, lax.axis_size(DATA), split_min_size)
-    own = lambda tree: update_sharding.own_part(tree, axes)  # noqa: E731
-    return update_sharding.gather(jax.tree.map(step, own(teacher), own(student)), axes)
+def ema(teacher, student, tau: jnp.ndarray):
+    """teacher <- tau teacher + (1 - tau) student, leaf by leaf."""
+    return jax.tree.map(lambda t, s: tau * t + (1 - tau) * s, teacher, student)
 
 
 def momentum_tau(

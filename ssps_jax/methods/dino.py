@@ -36,7 +36,7 @@ from ssps_jax.methods.common import ema, momentum_tau, validate_momentum
 from ssps_jax.models import build_encoder
 from ssps_jax.models.heads import WeightNormDense
 from ssps_jax.models.layers import batch_norm
-from ssps_jax.optim import make_optimizer, split_min_size
+from ssps_jax.optim import make_optimizer
 from ssps_jax.sharding import DATA
 
 
@@ -155,7 +155,6 @@ class DINOSettings:
     end_tau: float
     steps_per_epoch: int
     total_steps: int
-    split_min_size: int | None = None  # the EMA split over the devices as the update is (common.ema)
 
 
 class DINOMethod(Method):
@@ -242,7 +241,6 @@ class DINOMethod(Method):
             end_tau=d.end_tau,
             steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
-            split_min_size=split_min_size(config.optim),
         )
 
     def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict:
@@ -295,7 +293,7 @@ class DINOMethod(Method):
         teacher, center = state.method_state["teacher"], state.method_state["center"]
         tau = momentum_tau(state.step, s.total_steps, s.start_tau, s.end_tau)
         method_state = {
-            "teacher": {"params": ema(teacher["params"], params, tau, s.split_min_size), **target.updates},
+            "teacher": {"params": ema(teacher["params"], params, tau), **target.updates},
             "center": update_center(center, positive, s.center_momentum, DATA),
         }
         return method_state, {"tau": tau, "teacher_temperature": target.extra}

@@ -44,7 +44,6 @@ from ssps_jax.methods.common import (
     output_dim,
     validate_momentum,
 )
-from ssps_jax.optim import split_min_size
 from ssps_jax.sharding import DATA
 
 
@@ -86,7 +85,6 @@ class MoCoSettings:
     end_tau: float
     tau_scheduler: bool
     total_steps: int
-    split_min_size: int | None = None  # the EMA split over the devices as the update is (common.ema)
 
 
 class MoCoMethod(SiameseMethod):
@@ -126,7 +124,6 @@ class MoCoMethod(SiameseMethod):
             end_tau=m.end_tau,
             tau_scheduler=m.tau_scheduler,
             total_steps=total_steps,
-            split_min_size=split_min_size(config.optim),
         )
 
     def init_state(self, config: ml_collections.ConfigDict, variables: dict) -> dict:
@@ -167,7 +164,7 @@ class MoCoMethod(SiameseMethod):
         tau = momentum_tau(state.step, s.total_steps, s.start_tau, s.end_tau, s.tau_scheduler)
         block = state.step % queue.shape[1]
         method_state = {
-            "momentum": {"params": ema(momentum["params"], params, tau, s.split_min_size), **target.updates},
+            "momentum": {"params": ema(momentum["params"], params, tau), **target.updates},
             "queue": lax.dynamic_update_index_in_dim(queue, positive.astype(queue.dtype), block, axis=1),
         }
         return method_state, {"tau": jnp.asarray(tau, jnp.float32)}
