@@ -1,5 +1,7 @@
 """Encoders: sslsv-sized parameter count and names, exact padded embedding, bf16."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,8 @@ from ssps_jax.features import LogMelConfig
 from ssps_jax.methods import simclr
 from ssps_jax.methods.common import Siamese
 from ssps_jax.models.ecapa_tdnn import ECAPATDNN
-from ssps_jax.models.layers import ContextConv, torch_default_init
+from ssps_jax.models.heads import Projector
+from ssps_jax.models.layers import BatchNorm, ContextConv, torch_default_init
 from ssps_jax.models.resnet34 import ResNet34
 from ssps_jax.models.sslsv_names import sslsv_name, to_torch_layout
 
@@ -151,7 +154,7 @@ def test_bfloat16_compute_stays_close_to_float32():
 
         return float(jax.jit(fn)({name: {"encoder": tree} for name, tree in variables.items()}, views))
 
-    losses = [loss(Siamese(encoder=encoder)) for encoder in (f32, bf16)]
+    losses = [loss(Siamese(encoder=encoder.clone(bn_groups=2))) for encoder in (f32, bf16)]
     assert losses[1] != losses[0] and abs(losses[1] / losses[0] - 1) < 0.01
 
 
@@ -173,3 +176,81 @@ def test_context_conv_is_the_conv_of_the_concatenation():
     # Initialised like the conv it replaces: the same key gives the same kernel.
     fresh = ours.init(jax.random.PRNGKey(2), x, context)["params"]["kernel"]
     np.testing.assert_array_equal(fresh, reference.init(jax.random.PRNGKey(2), concatenated)["params"]["kernel"])
+
+
+class _PerViewSiamese(nn.Module):
+    """The Siamese model as sslsv runs it: one call of the encoder and projector per view."""
+
+    encoder: nn.Module
+    projector: nn.Module
+
+    def __call__(self, views, train=False):
+        return tuple(self.projector(self.encoder(views[:, v], train=train), train=train) for v in range(2))
+
+
+def test_siamese_one_call_normalises_each_view_as_its_own_call():
+    """Siamese runs both views through the model in one call, its BatchNorms built with bn_groups=2: the
+    embeddings and the updated running statistics are those of one call per view (each view normalised by
+    its own batch statistics, the running averages updated view after view), not those of one batch."""
+    kwargs = dict(
+        mel=LogMelConfig(n_mels=16),
+        channels=(32, 32, 32, 32, 96),
+        attention_channels=16,
+        se_channels=16,
+        encoder_dim=16,
+    )
+    views = np.random.default_rng(3).normal(size=(4, 2, 8000)).astype(np.float32)
+    views[:, 1] *= 3  # views that differ in scale: joint statistics would show
+    ours = Siamese(encoder=ECAPATDNN(**kwargs, bn_groups=2), projector_dims=(24, 8))
+    variables = jax.jit(ours.init)(jax.random.PRNGKey(0), views)
+    variables = {**variables, "batch_stats": jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])}
+
+    def train(model):
+        (z1, z2), updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+            variables, views
+        )
+        return (z1, z2), updates["batch_stats"]
+
+    got = train(ours)
+    want = train(_PerViewSiamese(ECAPATDNN(**kwargs), Projector(24, 8)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+    # Normalising the two views together (one group) is something else on these views.
+    stacked, encoder_variables = (
+        jnp.concatenate([views[:, 0], views[:, 1]]),
+        {k: v["encoder"] for k, v in variables.items()},
+    )
+    joint, grouped = (
+        ECAPATDNN(**kwargs, bn_groups=g).apply(encoder_variables, stacked, train=True, mutable=["batch_stats"])[0]
+        for g in (1, 2)
+    )
+    assert not np.allclose(joint, grouped, atol=1e-3)
+    with pytest.raises(ValueError, match="bn_groups=2"):
+        Siamese(encoder=ECAPATDNN(**kwargs)).init(jax.random.PRNGKey(0), views)
+
+
+def test_batch_norm_is_flax_batch_norm_group_by_group():
+    """Our BatchNorm against flax's nn.BatchNorm: the same variables; in training with groups=2, the outputs
+    and running statistics of flax's module called on each half in turn; with groups=1 and in inference,
+    flax's on the whole batch."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(3 * rng.normal(size=(12, 5, 7)) + 1, jnp.float32)
+    flax_bn = {train: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5) for train in (0, 1)}
+    variables = flax_bn[1].init(jax.random.PRNGKey(0), x)
+    variables = jax.tree.map(lambda v: v + rng.uniform(0.5, 1.5, size=v.shape), variables)
+    ours = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
+    assert jax.tree.map(jnp.shape, ours(False).init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, variables)
+
+    def run(module, variables, x):
+        y, updates = module.apply(variables, x, mutable=["batch_stats"])
+        return y, updates["batch_stats"]
+
+    y1, stats = run(flax_bn[1], variables, x[:6])
+    y2, stats = run(flax_bn[1], {**variables, "batch_stats": stats}, x[6:])
+    for (y, got_stats), want in (
+        (run(ours(False, groups=2), variables, x), (jnp.concatenate([y1, y2]), stats)),
+        (run(ours(False), variables, x), run(flax_bn[1], variables, x)),
+    ):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), (y, got_stats), want)
+    np.testing.assert_allclose(ours(True).apply(variables, x), flax_bn[0].apply(variables, x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="not 5 equal groups"):
+        ours(False, groups=5).apply(variables, x, mutable=["batch_stats"])

@@ -387,7 +387,8 @@ def _category(path: str, stack: list[tuple[str, str]], where: str) -> str:
         return where
     if "log_mel" in path.split("/") or any(fn == "log_mel" for _, fn in stack):
         return "front end"
-    if any("normalization.py" in f for f, _ in stack):
+    # flax's nn.BatchNorm, or ours (models/layers.py: BatchNorm, with groups).
+    if any("normalization.py" in f or fn.startswith("BatchNorm.") for f, fn in stack):
         return "BatchNorm"
     names = path.split("/")
     if names and names[0] == "encoder" and len(names) > 1:

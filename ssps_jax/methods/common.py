@@ -90,7 +90,16 @@ def output_dim(config: ml_collections.ConfigDict, section: ml_collections.Config
 
 
 class Siamese(nn.Module):
-    """Encoder (+ optional projector) applied to each of two views."""
+    """Encoder (+ optional projector) applied to each of two views.
+
+    Both views go through the model in one call, stacked on the batch axis
+    (view-major), so every convolution runs once on twice the batch; the
+    model's BatchNorms, built with `bn_groups=2`, normalise each view by its
+    own statistics, which is what one call per view computes (sslsv's
+    encoder sees one view at a time). One call moves fewer bytes: the
+    weights are read, cast and laid out once per step instead of once per
+    view (docs/performance.md).
+    """
 
     encoder: nn.Module
     projector_dims: tuple[int, int] | None = None  # (hidden, output); None: no projector
@@ -99,15 +108,21 @@ class Siamese(nn.Module):
 
     def setup(self):
         if self.projector_dims is not None:
-            self.projector = Projector(*self.projector_dims, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+            self.projector = Projector(
+                *self.projector_dims, dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_groups=2
+            )
 
     def __call__(self, views: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         """views (B, 2, n) -> embeddings of view 1 and view 2, each (B, D)."""
-        out = []
-        for v in range(2):
-            y = self.encoder(views[:, v], train=train)
-            out.append(self.projector(y, train=train) if self.projector_dims is not None else y)
-        return out[0], out[1]
+        if self.encoder.bn_groups != 2:
+            raise ValueError(
+                f"Siamese runs both views in one call: its encoder needs bn_groups=2, not {self.encoder.bn_groups}"
+            )
+        b = views.shape[0]
+        y = self.encoder(jnp.concatenate([views[:, 0], views[:, 1]]), train=train)
+        if self.projector_dims is not None:
+            y = self.projector(y, train=train)
+        return y[:b], y[b:]
 
     def embed(self, wave: jnp.ndarray, lengths: jnp.ndarray | None = None) -> jnp.ndarray:
         """Speaker embeddings for evaluation: the encoder output in inference mode."""
@@ -119,7 +134,7 @@ def siamese_model(
 ) -> Siamese:
     """Encoder + the optional projector of `section` (`projector`, `projector_hidden_dim`, `projector_output_dim`)."""
     return Siamese(
-        encoder=build_encoder(config.model, bn_axis_name),
+        encoder=build_encoder(config.model, bn_axis_name, bn_groups=2),
         projector_dims=projector_dims(section),
         dtype=jnp.dtype(config.model.dtype),
         bn_axis_name=bn_axis_name,

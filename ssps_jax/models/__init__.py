@@ -67,10 +67,20 @@ def validate(m: ml_collections.ConfigDict, fail) -> None:
             fail("model.resnet34", f"needs 4 layer counts and base_dim >= 8, got {tuple(r.layers)}, {r.base_dim}")
 
 
-def build_encoder(model: ml_collections.ConfigDict, bn_axis_name: str | None = None):
-    """The encoder described by `config.model` (waveform in, embedding out)."""
+def build_encoder(model: ml_collections.ConfigDict, bn_axis_name: str | None = None, bn_groups: int = 1):
+    """The encoder described by `config.model` (waveform in, embedding out).
+
+    `bn_groups`: the training batches it will see stack that many views, each normalised alone
+    (layers.batch_norm).
+    """
     mel = LogMelConfig(**model.mel)
-    common = dict(mel=mel, encoder_dim=model.encoder_dim, dtype=jnp.dtype(model.dtype), bn_axis_name=bn_axis_name)
+    common = dict(
+        mel=mel,
+        encoder_dim=model.encoder_dim,
+        dtype=jnp.dtype(model.dtype),
+        bn_axis_name=bn_axis_name,
+        bn_groups=bn_groups,
+    )
     if model.encoder == "ecapa_tdnn":
         e = model.ecapa_tdnn
         return ECAPATDNN(

@@ -27,6 +27,7 @@ class Res2NetBlock(nn.Module):
     dilation: int
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, lengths=None, train=False):
@@ -40,6 +41,7 @@ class Res2NetBlock(nn.Module):
                 self.dilation,
                 self.dtype,
                 self.bn_axis_name,
+                self.bn_groups,
                 name=f"blocks_{i}",
             )
             y = block(chunk if y is None else chunk + y, lengths, train)
@@ -70,13 +72,14 @@ class SERes2NetBlock(nn.Module):
     dilation: int
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, lengths=None, train=False):
         residual = x
         if x.shape[-1] != self.features:
             residual = Conv1dReflect(self.features, 1, dtype=self.dtype, name="shortcut")(x)
-        tdnn = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        tdnn = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_groups=self.bn_groups)
         x = TDNNBlock(self.features, 1, **tdnn, name="tdnn1")(x, lengths, train)
         x = Res2NetBlock(
             self.features, self.res2net_scale, self.kernel_size, self.dilation, **tdnn, name="res2net_block"
@@ -100,6 +103,7 @@ class AttentiveStatisticsPooling(nn.Module):
     global_context: bool = True
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, lengths=None, train=False):
@@ -113,7 +117,8 @@ class AttentiveStatisticsPooling(nn.Module):
         context = None
         if self.global_context:  # mean and std over time, concatenated to every frame (by the conv: ContextConv)
             context = jnp.concatenate(_weighted_stats(x32, uniform), -1).astype(x.dtype)
-        tdnn = TDNNBlock(self.attention_channels, 1, dtype=self.dtype, bn_axis_name=self.bn_axis_name, name="tdnn")
+        common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_groups=self.bn_groups)
+        tdnn = TDNNBlock(self.attention_channels, 1, **common, name="tdnn")
         attn = tdnn(x, lengths, train, context=context)
         attn = Conv1dReflect(channels, 1, dtype=self.dtype, name="conv")(jnp.tanh(attn))
         weights = ops.masked_softmax(attn.astype(jnp.float32), mask, axis=1)
@@ -135,12 +140,13 @@ class ECAPATDNN(nn.Module):
     encoder_dim: int = 512
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    bn_groups: int = 1  # training batches stack this many views, each normalised alone (layers.batch_norm)
 
     @nn.compact
     def __call__(self, wave, lengths=None, train: bool = False):
         x, lengths = log_mel(wave, self.mel, lengths)
         x = x.astype(self.dtype)
-        common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_groups=self.bn_groups)
         outputs = []
         for i, (c, k, d) in enumerate(zip(self.channels[:-1], self.kernel_sizes, self.dilations)):
             if i == 0:
@@ -157,6 +163,7 @@ class ECAPATDNN(nn.Module):
         x = AttentiveStatisticsPooling(self.attention_channels, self.global_context, **common, name="asp")(
             x, lengths, train
         )
-        x = batch_norm(train, self.bn_axis_name, self.dtype, name="asp_bn")(x.astype(self.dtype))
+        asp_bn = batch_norm(train, self.bn_axis_name, self.dtype, name="asp_bn", groups=self.bn_groups)
+        x = asp_bn(x.astype(self.dtype))
         x = Conv1dReflect(self.encoder_dim, 1, dtype=self.dtype, name="fc")(x[:, None, :])[:, 0]
         return x.astype(jnp.float32)

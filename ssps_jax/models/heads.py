@@ -19,13 +19,15 @@ class Projector(nn.Module):
     output_dim: int
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    bn_groups: int = 1
     hidden_layers: int = 2
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i in range(self.hidden_layers):
             x = Dense(self.hidden_dim, dtype=self.dtype, name=f"layers_{3 * i}")(x)
-            x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name=f"layers_{3 * i + 1}")(x))
+            norm = batch_norm(train, self.bn_axis_name, self.dtype, name=f"layers_{3 * i + 1}", groups=self.bn_groups)
+            x = nn.relu(norm(x))
         return Dense(self.output_dim, dtype=self.dtype, name=f"layers_{3 * self.hidden_layers}")(x).astype(jnp.float32)
 
 

@@ -58,6 +58,7 @@ class ResNetBlock(nn.Module):
     stride: int
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, lengths=None, train=False):
@@ -75,7 +76,7 @@ class ResNetBlock(nn.Module):
             )
 
         def bn(name):
-            return batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+            return batch_norm(train, self.bn_axis_name, self.dtype, name=name, groups=self.bn_groups)
 
         x = _zero_padding(x, lengths)
         residual = x
@@ -109,6 +110,7 @@ class ResNet34(nn.Module):
     encoder_dim: int = 512
     dtype: jnp.dtype = jnp.float32
     bn_axis_name: str | None = None
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, wave, lengths=None, train: bool = False):
@@ -124,7 +126,7 @@ class ResNet34(nn.Module):
             kernel_init=_conv_init,
             name="conv",
         )(_zero_padding(x, lengths))
-        x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn")(x))
+        x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, name="bn", groups=self.bn_groups)(x))
         widths = (1, 2, 4, 8)
         strides = (1, 2, 2, 1)
         for stage, (n_blocks, width, stride) in enumerate(zip(self.layers, widths, strides), start=1):
@@ -134,6 +136,7 @@ class ResNet34(nn.Module):
                     stride if i == 0 else 1,
                     self.dtype,
                     self.bn_axis_name,
+                    self.bn_groups,
                     name=f"block{stage}_{i}",
                 )
                 x, lengths = block(x, lengths, train)
