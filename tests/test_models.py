@@ -14,7 +14,7 @@ from ssps_jax.evaluation.embedding import Embedder, bucket_lengths
 from ssps_jax.features import LogMelConfig
 from ssps_jax.methods import simclr
 from ssps_jax.methods.common import Siamese
-from ssps_jax.models.ecapa_tdnn import ECAPATDNN
+from ssps_jax.models.ecapa_tdnn import ECAPATDNN, pooled_stats
 from ssps_jax.models.heads import Projector
 from ssps_jax.models.layers import BatchNorm, ContextConv, torch_default_init
 from ssps_jax.models.resnet34 import ResNet34
@@ -176,6 +176,49 @@ def test_context_conv_is_the_conv_of_the_concatenation():
     # Initialised like the conv it replaces: the same key gives the same kernel.
     fresh = ours.init(jax.random.PRNGKey(2), x, context)["params"]["kernel"]
     np.testing.assert_array_equal(fresh, reference.init(jax.random.PRNGKey(2), concatenated)["params"]["kernel"])
+
+
+def _sslsv_pooled_stats(x, logits, mask, eps=1e-12):
+    """sslsv's attentive statistics (softmax over the valid frames, mean = sum w x, std = sqrt(max(sum w (x -
+    mean)^2, eps))), or uniform with logits None: the formula as written, two passes, no shift."""
+    if logits is None:
+        weights = mask / jnp.sum(mask, axis=1, keepdims=True)
+    else:
+        weights = jax.nn.softmax(logits, axis=1, where=mask)
+        weights = jnp.where(mask, weights, 0.0)
+    mean = jnp.sum(weights * x, axis=1)
+    return mean, jnp.sqrt(jnp.maximum(jnp.sum(weights * jnp.square(x - mean[:, None]), axis=1), eps))
+
+
+def test_pooled_stats_are_sslsv_statistics_and_gradients():
+    """The pooling's one-pass statistics and hand-written backward pass against autodiff of sslsv's formula
+    in float64, on frames far from zero (|mean| >> std: E[x^2] - E[x]^2 cancels there unless shifted), a
+    constant channel (std = sqrt(eps), no gradient), and padding holding huge logits and values."""
+    rng = np.random.default_rng(7)
+    b, t, c = 3, 9, 5
+    x = 1000.0 + rng.normal(size=(b, t, c))
+    x[:, :, 1] = 3.0  # constant over time
+    logits = 2 * rng.normal(size=(b, t, c))
+    mask = (np.arange(t)[None] < np.array([9, 4, 1])[:, None])[..., None]
+    x[~mask[..., 0]], logits[~mask[..., 0]] = 1e6, 1e4  # padding: must not count
+    cotangent = rng.normal(size=(2, b, c))
+    with jax.enable_x64():
+        for logits_or_none in (logits, None):  # attentive, then uniform
+            want, vjp_want = jax.vjp(lambda *a: _sslsv_pooled_stats(*a, mask), jnp.asarray(x), logits_or_none)
+            f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), (x, logits_or_none))
+            got, vjp = jax.vjp(lambda *a: pooled_stats(*a, mask), *f32)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+            # float32 frames near 1000 are rounded by ~3e-5: the std is as exact as the frames are.
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(got[1][:, 1], 1e-6, rtol=1e-6)  # the constant channel's sqrt(eps)
+            grads, grads_want = vjp(tuple(jnp.asarray(cotangent, jnp.float32))), vjp_want(tuple(cotangent))
+            assert (grads[1] is None) == (logits_or_none is None)
+            for g, g_want in zip(grads, grads_want):
+                if g is None:
+                    continue
+                assert g.dtype == jnp.float32 and np.isfinite(g).all()
+                assert not np.asarray(g)[~mask[..., 0]].any()  # nothing flows into the padding
+                np.testing.assert_allclose(g, g_want, rtol=2e-3, atol=2e-3 * np.abs(g_want).max())
 
 
 class _PerViewSiamese(nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ssps_jax import ops
@@ -89,11 +90,75 @@ class SERes2NetBlock(nn.Module):
         return x + residual
 
 
-def _weighted_stats(x, weights, eps=1e-12):
-    """Mean and std over time with weights summing to 1 (sslsv's _compute_statistics)."""
-    mean = jnp.sum(weights * x, axis=1)
-    var = jnp.sum(weights * jnp.square(x - mean[:, None]), axis=1)
-    return mean, jnp.sqrt(jnp.maximum(var, eps))
+_STD_EPS = 1e-12  # sslsv's clamp of the variance
+
+
+def _moments(x, logits, valid):
+    """Shifted one-pass weighted moments over time: (shift, peak, total, m1, m2), see `pooled_stats`."""
+    shift = x[:, :1].astype(jnp.float32)  # sliced before the cast: the cast of x fuses into the sums
+    d = x.astype(jnp.float32) - shift
+    peak = None
+    if logits is None:
+        weights = valid.astype(jnp.float32)
+    else:
+        masked = jnp.where(valid, logits.astype(jnp.float32), -jnp.inf)
+        peak = jnp.max(masked, axis=1, keepdims=True)
+        weights = jnp.exp(masked - peak)
+    total = jnp.sum(weights, axis=1)
+    m1 = jnp.sum(weights * d, axis=1) / total
+    m2 = jnp.sum(weights * jnp.square(d), axis=1) / total
+    return shift, peak, total, m1, m2
+
+
+@jax.custom_vjp
+def pooled_stats(x, logits, valid):
+    """Mean and std over time (axis 1) of the frames `x` (B, T, C), in float32 whatever their dtype.
+
+    Weighted by the softmax over time of `logits` (B, T, C), or uniformly
+    with `logits` None; frames where `valid` (B, T, 1) is false get zero
+    weight. This is sslsv's _compute_statistics (mean = sum w x, std =
+    sqrt(max(sum w (x - mean)^2, 1e-12))) computed for fewer bytes: one
+    reduction over the frames gives the weights' sum and the first two
+    moments (mean-then-variance and the softmax's own normalisation read
+    the frames and logits three times more), and the backward pass is one
+    elementwise expression of the frames and logits as they came (bf16 in a
+    bf16 step), where autodiff saved float32 (B, T, C) weights and
+    deviations (docs/performance.md). The moments are taken about the first
+    frame (valid whatever the lengths), so that E[d^2] - E[d]^2 does not
+    cancel when |mean| >> std. The padding's logits are masked before the
+    exp (a product by the mask would give inf * 0 there).
+    """
+    shift, _, _, m1, m2 = _moments(x, logits, valid)
+    return shift[:, 0] + m1, jnp.sqrt(jnp.maximum(m2 - jnp.square(m1), _STD_EPS))
+
+
+def _pooled_stats_forward(x, logits, valid):
+    shift, peak, total, m1, m2 = _moments(x, logits, valid)
+    std = jnp.sqrt(jnp.maximum(m2 - jnp.square(m1), _STD_EPS))
+    return (shift[:, 0] + m1, std), (x, logits, valid, peak, total, m1, m2, std)
+
+
+def _pooled_stats_backward(residuals, cotangents):
+    x, logits, valid, peak, total, m1, m2, std = residuals
+    g_mean, g_std = cotangents
+    # Through std = sqrt(max(var, eps)) and var = m2 - m1^2 (no gradient where the clamp holds).
+    g_var = jnp.where(std * std > _STD_EPS, g_std / (2 * std), 0.0)
+    g_m1 = g_mean - 2 * m1 * g_var  # mean = shift + m1, the shift being a constant of the statistics
+    d = x.astype(jnp.float32) - x[:, :1].astype(jnp.float32)
+    if logits is None:
+        weights = valid.astype(jnp.float32)
+    else:
+        weights = jnp.exp(jnp.where(valid, logits.astype(jnp.float32), -jnp.inf) - peak)
+    w = weights / total[:, None]  # the normalised weights
+    m1, m2, g_m1, g_var = (a[:, None] for a in (m1, m2, g_m1, g_var))
+    g_x = w * (g_m1 + 2 * g_var * d)
+    if logits is None:
+        return g_x.astype(x.dtype), None, None
+    g_logits = w * (g_m1 * (d - m1) + g_var * (jnp.square(d) - m2))
+    return g_x.astype(x.dtype), g_logits.astype(logits.dtype), None
+
+
+pooled_stats.defvjp(_pooled_stats_forward, _pooled_stats_backward)
 
 
 class AttentiveStatisticsPooling(nn.Module):
@@ -109,21 +174,15 @@ class AttentiveStatisticsPooling(nn.Module):
     def __call__(self, x, lengths=None, train=False):
         size, channels = x.shape[1], x.shape[2]
         mask = ops.sequence_mask(lengths, size)
-        x32 = x.astype(jnp.float32)  # statistics in float32, whatever the compute dtype
-        if mask is None:
-            uniform = jnp.full((1, size, 1), 1.0 / size)
-        else:
-            uniform = mask[..., None] / lengths[:, None, None]
+        valid = jnp.ones((x.shape[0], size, 1), bool) if mask is None else mask[..., None]
         context = None
         if self.global_context:  # mean and std over time, concatenated to every frame (by the conv: ContextConv)
-            context = jnp.concatenate(_weighted_stats(x32, uniform), -1).astype(x.dtype)
+            context = jnp.concatenate(pooled_stats(x, None, valid), -1).astype(x.dtype)
         common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, bn_groups=self.bn_groups)
         tdnn = TDNNBlock(self.attention_channels, 1, **common, name="tdnn")
         attn = tdnn(x, lengths, train, context=context)
         attn = Conv1dReflect(channels, 1, dtype=self.dtype, name="conv")(jnp.tanh(attn))
-        weights = ops.masked_softmax(attn.astype(jnp.float32), mask, axis=1)
-        mean, std = _weighted_stats(x32, weights)
-        return jnp.concatenate([mean, std], axis=-1)
+        return jnp.concatenate(pooled_stats(x, attn, valid), axis=-1)
 
 
 class ECAPATDNN(nn.Module):
