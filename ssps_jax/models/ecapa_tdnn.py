@@ -93,21 +93,25 @@ class SERes2NetBlock(nn.Module):
 _STD_EPS = 1e-12  # sslsv's clamp of the variance
 
 
-def _moments(x, logits, valid):
-    """Shifted one-pass weighted moments over time: (shift, peak, total, m1, m2), see `pooled_stats`."""
+def _deviations_and_weights(x, logits, valid, peak):
+    """float32 (x - first frame) and the unnormalised weights exp(logits - peak), zero past `valid`."""
     shift = x[:, :1].astype(jnp.float32)  # sliced before the cast: the cast of x fuses into the sums
-    d = x.astype(jnp.float32) - shift
-    peak = None
     if logits is None:
-        weights = valid.astype(jnp.float32)
-    else:
-        masked = jnp.where(valid, logits.astype(jnp.float32), -jnp.inf)
-        peak = jnp.max(masked, axis=1, keepdims=True)
-        weights = jnp.exp(masked - peak)
+        return shift, x.astype(jnp.float32) - shift, valid.astype(jnp.float32)
+    weights = jnp.exp(jnp.where(valid, logits.astype(jnp.float32), -jnp.inf) - peak)
+    return shift, x.astype(jnp.float32) - shift, weights
+
+
+def _pooled_stats_forward(x, logits, valid):
+    peak = None
+    if logits is not None:
+        peak = jnp.max(jnp.where(valid, logits.astype(jnp.float32), -jnp.inf), axis=1, keepdims=True)
+    shift, d, weights = _deviations_and_weights(x, logits, valid, peak)
     total = jnp.sum(weights, axis=1)
     m1 = jnp.sum(weights * d, axis=1) / total
     m2 = jnp.sum(weights * jnp.square(d), axis=1) / total
-    return shift, peak, total, m1, m2
+    std = jnp.sqrt(jnp.maximum(m2 - jnp.square(m1), _STD_EPS))
+    return (shift[:, 0] + m1, std), (x, logits, valid, peak, total, m1, m2, std)
 
 
 @jax.custom_vjp
@@ -128,14 +132,7 @@ def pooled_stats(x, logits, valid):
     cancel when |mean| >> std. The padding's logits are masked before the
     exp (a product by the mask would give inf * 0 there).
     """
-    shift, _, _, m1, m2 = _moments(x, logits, valid)
-    return shift[:, 0] + m1, jnp.sqrt(jnp.maximum(m2 - jnp.square(m1), _STD_EPS))
-
-
-def _pooled_stats_forward(x, logits, valid):
-    shift, peak, total, m1, m2 = _moments(x, logits, valid)
-    std = jnp.sqrt(jnp.maximum(m2 - jnp.square(m1), _STD_EPS))
-    return (shift[:, 0] + m1, std), (x, logits, valid, peak, total, m1, m2, std)
+    return _pooled_stats_forward(x, logits, valid)[0]
 
 
 def _pooled_stats_backward(residuals, cotangents):
@@ -144,11 +141,7 @@ def _pooled_stats_backward(residuals, cotangents):
     # Through std = sqrt(max(var, eps)) and var = m2 - m1^2 (no gradient where the clamp holds).
     g_var = jnp.where(std * std > _STD_EPS, g_std / (2 * std), 0.0)
     g_m1 = g_mean - 2 * m1 * g_var  # mean = shift + m1, the shift being a constant of the statistics
-    d = x.astype(jnp.float32) - x[:, :1].astype(jnp.float32)
-    if logits is None:
-        weights = valid.astype(jnp.float32)
-    else:
-        weights = jnp.exp(jnp.where(valid, logits.astype(jnp.float32), -jnp.inf) - peak)
+    _, d, weights = _deviations_and_weights(x, logits, valid, peak)
     w = weights / total[:, None]  # the normalised weights
     m1, m2, g_m1, g_var = (a[:, None] for a in (m1, m2, g_m1, g_var))
     g_x = w * (g_m1 + 2 * g_var * d)
