@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -27,7 +29,7 @@ from ssps_jax import methods, optim, sharding, update_sharding
 from ssps_jax.methods.base import Method
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps.lifecycle import SSPS
-from ssps_jax.train_state import TrainState, init_train_state, opt_specs, partition_specs
+from ssps_jax.train_state import TrainState, init_train_state, partition_specs, split_specs
 from ssps_jax.train_step import make_train_step
 
 
@@ -53,8 +55,13 @@ class Run:
         return self.ssps_step if self.ssps.fills_queues(epoch) else self.plain_step
 
     def eval_variables(self, state: TrainState) -> dict:
-        """The variables evaluation embeds with (the teacher's for DINO)."""
-        return self.method.eval_variables(state)
+        """The variables evaluation embeds with (the teacher's for DINO), whole on every device: the train state
+        holds its large parameters split (update_sharding.py); evaluation runs on replicated ones."""
+        variables = self.method.eval_variables(state)
+        replicated = sharding.replicated(self.mesh)
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):  # abstract (aot.py)
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
+        return jax.jit(lambda v: v, out_shardings=replicated)(variables)
 
 
 def build(
@@ -112,12 +119,13 @@ def build(
     specs = partition_specs(
         state,
         None if state.method_state is None else method.state_specs(state.method_state),
-        opt_specs(state, mesh, split),
+        split_specs(state, mesh, split),
     )
     axes = update_sharding.split_axes(state.params, mesh.size, split)
     settings = method.settings(config, per_epoch, total)
-    plain_step = make_train_step(method, model, tx, mesh, settings, specs, update_axes=axes)
-    ssps_step = make_train_step(method, model, tx, mesh, settings, specs, ssps, axes) if ssps.enabled else None
+    dtype = jnp.dtype(config.model.dtype)
+    plain_step = make_train_step(method, model, tx, mesh, settings, specs, update_axes=axes, compute_dtype=dtype)
+    ssps_step = make_train_step(method, model, tx, mesh, settings, specs, ssps, axes, dtype) if ssps.enabled else None
     run = Run(
         config=config,
         mesh=mesh,

@@ -33,9 +33,10 @@ def default_config() -> dict:
         "clip_grad_norm": 0.0,  # 0: off
         "clip_grad_per_param": 0.0,  # DINO: each tensor's gradient norm <= this; 0: off
         "decay_biases_and_norms": True,  # False: weight decay on weights (ndim > 1) only
-        # Each device updates 1/n of every parameter of at least split_update_min_size elements (and holds
-        # 1/n of its optimizer state) instead of all of it (ssps_jax/update_sharding.py). False: every device
-        # updates everything; the same numbers up to the order of the gradients' sums.
+        # Each device holds and updates 1/n of every parameter of at least split_update_min_size elements and
+        # of its optimizer state, and steps gather them in the compute dtype (ssps_jax/update_sharding.py).
+        # False: every device holds and updates everything; the same numbers up to the order of the
+        # gradients' sums.
         "split_update": True,
         "split_update_min_size": 1 << 16,
     }

@@ -30,16 +30,17 @@ class TrainState:
     method_state: dict | None = None  # the method's own state (DINO: teacher and centre), see Method.init_state
 
 
-def partition_specs(state: TrainState, method_specs: dict | None = None, opt_specs=None) -> TrainState:
-    """Layout of every field on the mesh: all replicated but the SSPS queues, the optimizer state as `opt_specs`
-    says (update_sharding.opt_state_specs) and the method's state as `method_specs` does."""
+def partition_specs(state: TrainState, method_specs: dict | None = None, split: dict | None = None) -> TrainState:
+    """Layout of every field on the mesh: all replicated but the SSPS queues, the large parameters and their
+    optimizer state as `split` says (`split_specs`; None: replicated) and the method's state as `method_specs`
+    does."""
     if method_specs is None and state.method_state is not None:
         method_specs = jax.tree.map(lambda _: P(), state.method_state)
     return TrainState(
         step=P(),
-        params=P(),
+        params=P() if split is None else split["params"],
         batch_stats=P(),
-        opt_state=P() if opt_specs is None else opt_specs,
+        opt_state=P() if split is None else split["opt_state"],
         rng=P(),
         ssps=None if state.ssps is None else ssps_partition_specs(),
         method_state=method_specs,
@@ -68,12 +69,15 @@ def from_dict(like: TrainState, fields: dict) -> TrainState:
     return like.replace(**fields)
 
 
-def opt_specs(state: TrainState, mesh: Mesh, min_size: int | None):
-    """The layout of `state`'s optimizer state with the update of parameters of at least `min_size` elements
-    split over `mesh` (update_sharding.py; None: replicated)."""
+def split_specs(state: TrainState, mesh: Mesh, min_size: int | None) -> dict | None:
+    """{"params", "opt_state"}: the layouts of `state`'s parameters and optimizer state with the parameters of at
+    least `min_size` elements split over `mesh` (update_sharding.py); None (`min_size` None): none is."""
     if min_size is None:
         return None
-    return update_sharding.opt_state_specs(state.opt_state, state.params, mesh.size, min_size)
+    return {
+        "params": update_sharding.param_specs(state.params, mesh.size, min_size),
+        "opt_state": update_sharding.opt_state_specs(state.opt_state, state.params, mesh.size, min_size),
+    }
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -122,7 +126,7 @@ def init_train_state(
     specs = partition_specs(
         shapes,
         None if method_specs is None else method_specs(shapes.method_state),
-        opt_specs(shapes, mesh, split_update_min_size),
+        split_specs(shapes, mesh, split_update_min_size),
     )
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
     jitted = jax.jit(init, out_shardings=shardings)

@@ -3,16 +3,18 @@
 `step(state, batch, rng) -> (state, metrics)` is written for one device, in
 pmap's programming model: it sees its slice of the global batch, BatchNorm
 and the losses talk to the other devices through collectives over the
-`data` axis, and gradients are averaged over it (each device receiving the mean of the part of the
-large parameters whose update it makes: update_sharding.py). `method_step` is that
-step for any method: the method supplies its parts (methods/base.py: target,
-forward, loss, update, and which branch is the positive one) and this module
-does the rest, the same way for all. `make_train_step` wraps it in
-`jax.shard_map` (parameters replicated, batch and SSPS queues split) and
-`jax.jit`, after turning the batch the input pipeline sent into the one the
-methods take (`device_augment.model_batch`: with `data.augment.on =
-"device"`, the views are augmented there, on each device's examples; float32
-batches pass unchanged).
+`data` axis, and gradients are averaged over it (each device holds, and
+receives the mean gradient of, its part of the large parameters, which the
+step first gathers whole in the model's compute dtype: update_sharding.py).
+`method_step` is that step for any method: the method supplies its parts
+(methods/base.py: target, forward, loss, update, and which branch is the
+positive one) and this module does the rest, the same way for all.
+`make_train_step` wraps it in `jax.shard_map` (small parameters
+replicated; large ones, batch and SSPS queues split) and `jax.jit`, after
+turning the batch the input pipeline sent into the one the methods take
+(`device_augment.model_batch`: with `data.augment.on = "device"`, the views
+are augmented there, on each device's examples; float32 batches pass
+unchanged).
 
 SSPS enters here and nowhere else (docs/method.md §3-§5), in the epochs
 where the queues are live: `reference_and_positives` computes y^ (the
@@ -41,22 +43,20 @@ from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.train_state import TrainState
 
 
-def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, axes=None):
+def apply_gradients(params, opt_state, grads, tx: optax.GradientTransformation, axes=None):
     """Averages per-device gradients over the mesh and takes one optimizer step: (params, opt_state, grad norm).
 
-    `axes` (update_sharding.split_axes; None: no leaf split) says which parameters each device updates only its
-    part of, with its part of the optimizer state; the new parameters come back whole on every device.
+    `axes` (update_sharding.split_axes; None: no leaf split) says which parameters are split: of those,
+    `params` and `opt_state` hold this device's part, and so do the averaged gradients and the result.
     """
     if axes is None:
         axes = jax.tree.map(lambda _: None, grads)
     # The loss is a mean over devices of per-device means: so are the gradients.
     grads = update_sharding.mean_gradients(grads, axes)
-    params = update_sharding.own_part(state.params, axes)
     # The clipping transforms (optim.py) take norms of whole tensors: they sum the parts' squares over the mesh.
     tx = optax.with_extra_args_support(tx)
-    updates, opt_state = tx.update(grads, state.opt_state, params, split_axes=axes)
-    params = update_sharding.gather(optax.apply_updates(params, updates), axes)
-    return params, opt_state, update_sharding.global_norm(grads, axes)
+    updates, opt_state = tx.update(grads, opt_state, params, split_axes=axes)
+    return optax.apply_updates(params, updates), opt_state, update_sharding.global_norm(grads, axes)
 
 
 def reference_and_positives(model: nn.Module, variables, state: TrainState, batch: dict, rng, ssps: SSPS):
@@ -70,14 +70,31 @@ def reference_and_positives(model: nn.Module, variables, state: TrainState, batc
 
 
 def method_step(
-    method, state: TrainState, batch: dict, rng, *, model: nn.Module, tx, settings, ssps: SSPS | None, update_axes=None
+    method,
+    state: TrainState,
+    batch: dict,
+    rng,
+    *,
+    model: nn.Module,
+    tx,
+    settings,
+    ssps: SSPS | None,
+    update_axes=None,
+    compute_dtype=None,
 ):
     """One step of `method` (a methods.base.Method) on this device's examples (call inside shard_map).
 
-    `rng` is the step key shared by all devices; `ssps` is None without SSPS; `update_axes` as apply_gradients.
+    `rng` is the step key shared by all devices; `ssps` is None without SSPS; `update_axes` as apply_gradients:
+    the state holds the split parameters' parts, which the step gathers in `compute_dtype` (the model's; None:
+    the parameters' own) for the model to read.
     """
     # This device's randomness (stochastic layers): the step key folded with the device index.
     device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
+    parts = state.params
+    if update_axes is not None:
+        # Each device holds its part of the large parameters: the model reads them whole, in its compute dtype
+        # (update_sharding.py). `state` below is the state as the method sees it, with whole parameters.
+        state = state.replace(params=update_sharding.gather(parts, update_axes, compute_dtype))
     target = method.target(state, batch, model=model, settings=settings)
     metrics = {}
     if ssps is not None:
@@ -114,8 +131,13 @@ def method_step(
     (loss, (batch_stats, outputs, positive, loss_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
-    params, opt_state, grad_norm = apply_gradients(state, grads, tx, update_axes)
-    method_state, update_metrics = method.update(state, params, outputs, positive, target, settings=settings)
+    # Gradients of parameters gathered in the compute dtype are in it: averaged and applied in the parameters'.
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, parts)
+    params, opt_state, grad_norm = apply_gradients(parts, state.opt_state, grads, tx, update_axes)
+    # The method's update (a teacher's EMA) reads the new parameters whole, in their own dtype: a gather that
+    # XLA drops for the methods that do not read them.
+    whole = params if update_axes is None else update_sharding.gather(params, update_axes)
+    method_state, update_metrics = method.update(state, whole, outputs, positive, target, settings=settings)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -142,11 +164,13 @@ def make_train_step(
     state_specs: TrainState,
     ssps: SSPS | None = None,
     update_axes=None,
+    compute_dtype=None,
 ):
     """The global step of `method` (a methods.base.Method): jit(shard_map(step)); donates the input state.
 
-    `update_axes`: the parameters whose update is split over the mesh (update_sharding.split_axes; None: none),
-    as the optimizer state's layout in `state_specs` says.
+    `update_axes`: the parameters split over the mesh (update_sharding.split_axes; None: none), as the layouts
+    of the parameters and the optimizer state in `state_specs` say; the step gathers them in `compute_dtype`
+    (the model's; None: the parameters' own dtype).
     """
 
     def step(state, batch, rng):
@@ -154,7 +178,16 @@ def make_train_step(
         # method sees them; a batch of float32 waveforms passes unchanged.
         batch = device_augment.model_batch(batch)
         return method_step(
-            method, state, batch, rng, model=model, tx=tx, settings=settings, ssps=ssps, update_axes=update_axes
+            method,
+            state,
+            batch,
+            rng,
+            model=model,
+            tx=tx,
+            settings=settings,
+            ssps=ssps,
+            update_axes=update_axes,
+            compute_dtype=compute_dtype,
         )
 
     step.__name__ = f"{method.name}_step"  # what XLA's compile logs and profiles call the program

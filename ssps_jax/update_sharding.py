@@ -1,33 +1,46 @@
-"""The optimizer update split over the devices (weight-update sharding, ZeRO stage 1).
+"""The large parameters split over the devices (weight-update sharding, ZeRO stage 1, and its parameters).
 
-Parameters stay replicated: every device holds them whole for its forward and
-backward. But applying the optimizer on every device to all of them repeats
-the same work n times: on the paper's SimCLR-SSPS step each device read the
+Applying the optimizer on every device to all the parameters repeats the same
+work n times: on the paper's SimCLR-SSPS step each device read the
 parameters, the averaged gradients and both Adam moments of all 22.5 M
 parameters and wrote three of them back, a fifth of the step's memory
 traffic (docs/performance.md). Here each large parameter has one *split
-axis*: the gradients are reduce-scattered along it instead of all-reduced
-(each device receives the mean of its 1/n), each device updates its 1/n of
-the parameter and of the optimizer state, and the new parameter is
-all-gathered. An all-reduce is a reduce-scatter followed by an all-gather, so
-the collectives move what they moved before; the optimizer's memory traffic
-and its state's memory are divided by n. (Xu et al. 2020, "Automatic
-cross-replica sharding of weight update in data-parallel training"; Rajbhandari
-et al. 2020, ZeRO stage 1.)
+axis*, and the train state holds it, and its optimizer state, split along it:
+each device keeps its 1/n in float32. A step gathers the parameters whole, in
+the model's compute dtype (`gather`: bfloat16 in a bfloat16 step, half the
+bytes of a float32 gather), runs the forward and backward passes on them,
+reduce-scatters the gradients instead of all-reducing them (each device
+receives the mean of its 1/n), and updates its 1/n of the parameter and of the
+optimizer state. An all-reduce is a reduce-scatter followed by an all-gather,
+so the collectives move what they moved before (less in bfloat16); the
+optimizer's memory traffic and state, and the parameters' memory, are divided
+by n. (Xu et al. 2020, "Automatic cross-replica sharding of weight update in
+data-parallel training"; Rajbhandari et al. 2020, ZeRO.)
+
+Gathering kernels in the compute dtype changes no number: every layer casts
+its kernels to the compute dtype before using them (flax's promote_dtype), so
+casting before the gather gives the layers the values they had; the
+gradients, computed in the compute dtype as before, are taken back to float32
+before they are averaged. Vectors (BatchNorm's scale and bias, used in
+float32) are gathered as they are; a layer that computes with a kernel in
+float32 (models/heads.py:WeightNormDense's norm) sees its bfloat16 rounding
+in a bfloat16 step.
 
 A leaf is split when it has at least `optim.split_update_min_size` elements
 (64 Ki by default: smaller ones are not worth three collectives each) and an
 axis whose size the device count divides (the largest such axis); the others,
-and every leaf on one device, are updated whole on every device as before. The
-optimizer state keeps each parameter's shape and only changes layout, so a
-checkpoint restores onto any number of devices. The optimizer's transforms
-see this device's parts: Adam, SGD, weight decay and masks treat each
-element on their own; the clipping transforms of optim.py, which take norms
-over a tensor or over all, get `split_axes` from the train step and sum the
-parts' squares over the devices (`leaf_norms`, `global_norm`).
+and every leaf on one device, are held whole on every device and updated there
+as before. Split leaves keep their shape and only change layout, so a
+checkpoint restores onto any number of devices, and into the replicated
+layout evaluation and export use. The optimizer's transforms see this
+device's parts: Adam, SGD, weight decay and masks treat each element on their
+own; the clipping transforms of optim.py, which take norms over a tensor or
+over all, get `split_axes` from the train step and sum the parts' squares
+over the devices (`leaf_norms`, `global_norm`).
 
-The functions below run inside the train step's shard_map, over the `data`
-axis; `axes` is `split_axes`'s tree (an int or None per parameter).
+The functions below but the layouts run inside the train step's shard_map,
+over the `data` axis; `axes` is `split_axes`'s tree (an int or None per
+parameter).
 """
 
 from __future__ import annotations
@@ -59,6 +72,11 @@ def split_axes(params, num_devices: int, min_size: int | None):
 
 def _spec(axis: int | None) -> P:
     return P() if axis is None else P(*([None] * axis), DATA)
+
+
+def param_specs(params, num_devices: int, min_size: int | None):
+    """Partition specs of the parameters (arrays or shapes): each split along its split axis, the rest replicated."""
+    return jax.tree.map(lambda leaf: _spec(_split_axis(tuple(leaf.shape), num_devices, min_size)), params)
 
 
 def opt_state_specs(opt_state, params, num_devices: int, min_size: int | None):
@@ -93,23 +111,19 @@ def mean_gradients(grads, axes):
     return _map(mean, axes, grads)
 
 
-def own_part(params, axes):
-    """This device's part of each split parameter (what its optimizer state is of); whole leaves as they are."""
+def gather(parts, axes, dtype=None):
+    """The whole parameters, on every device: each split one gathered from the devices' parts, a kernel (two
+    axes or more) cast to `dtype` first (None: none is); the whole ones as they are.
 
-    def part(p, axis):
-        if axis is None:
-            return p
-        size = p.shape[axis] // lax.axis_size(DATA)
-        return lax.dynamic_slice_in_dim(p, lax.axis_index(DATA) * size, size, axis)
-
-    return _map(part, axes, params)
-
-
-def gather(parts, axes):
-    """Every device's parts put together again: the whole, replicated parameters."""
+    Only kernels: every layer casts its kernels to the compute dtype before using them, but a BatchNorm
+    scales and shifts in float32, so a split vector (a tiny model's, with a small split_update_min_size) is
+    gathered in its own dtype."""
 
     def whole(p, axis):
-        return p if axis is None else lax.all_gather(p, DATA, axis=axis, tiled=True)
+        if axis is None:
+            return p
+        cast = dtype is not None and p.ndim >= 2
+        return lax.all_gather(p.astype(dtype) if cast else p, DATA, axis=axis, tiled=True)
 
     return _map(whole, axes, parts)
 

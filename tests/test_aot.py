@@ -89,6 +89,7 @@ def _check_account(step, low, high):
     for part, passes in [("front end", ("forward", "inference")), ("blocks_1", ("forward", "backward"))]:
         assert all(parts[part].get(p, 0) > 0 for p in passes), part
     assert parts["optimizer"].get("step", 0) > 0 and parts["SSPS"].get("step", 0) > 0
+    assert parts["parameters' gather"].get("step", 0) > 0  # the split kernels, whole for the model
     assert parts["BatchNorm"].get("backward", 0) > 0 and parts["asp"].get("inference", 0) > 0
 
 

@@ -1,5 +1,8 @@
 """The optimizer update split over the devices (update_sharding.py) makes the whole update's numbers."""
 
+import re
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +11,9 @@ from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
 from ssps_jax import optim, sharding, update_sharding
+from ssps_jax.build import build
 from ssps_jax.methods import simclr
-from ssps_jax.train_state import init_train_state, opt_specs, partition_specs
+from ssps_jax.train_state import init_train_state, partition_specs, split_specs
 from ssps_jax.train_step import make_train_step
 
 
@@ -26,6 +30,30 @@ def test_split_axes_takes_the_largest_axis_the_device_count_divides_of_large_lea
     assert update_sharding.split_axes(shapes, 16, None) == dict.fromkeys(shapes)
 
 
+def _two_steps(config, min_size, seed=0):
+    """Two SimCLR steps of `config`'s model on 8 devices, the parameters of at least `min_size` elements split
+    (None: none), in config.model.dtype: its split axes, first parameters (host copies), last state, metrics of
+    each step and StableHLO."""
+    model = simclr.METHOD.build_model(config, bn_axis_name=sharding.DATA)
+    tx, _ = optim.make_optimizer(config.optim, 10, 100)
+    mesh = sharding.make_mesh()
+    example = jax.ShapeDtypeStruct((2, 2, 4000), jnp.float32)
+    state = init_train_state(model, tx, 0, example, mesh, split_update_min_size=min_size)
+    first = jax.tree.map(np.asarray, state.params)
+    axes = update_sharding.split_axes(state.params, mesh.size, min_size)
+    specs = partition_specs(state, split=split_specs(state, mesh, min_size))
+    settings, dtype = simclr.SimCLRSettings(0.1), jnp.dtype(config.model.dtype)
+    step = make_train_step(simclr.METHOD, model, tx, mesh, settings, specs, update_axes=axes, compute_dtype=dtype)
+    views = np.random.default_rng(seed).normal(size=(2, 16, 2, 4000)).astype(np.float32)
+    batches = [sharding.global_batch({"views": batch}, mesh) for batch in views]
+    text = step.lower(state, batches[0], jax.random.PRNGKey(0)).as_text()
+    metrics = []
+    for batch in batches:
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        metrics.append({k: float(v) for k, v in m.items()})
+    return types.SimpleNamespace(axes=axes, first=first, state=state, metrics=metrics, text=text)
+
+
 @pytest.mark.parametrize("optimizer, clip", [("adamw", 0.0), ("sgd", 0.1)])
 def test_split_update_equals_the_whole_update_and_holds_an_eighth_of_the_state(demo_dir, optimizer, clip):
     """Two steps on 8 devices with weight decay on the weights: AdamW; SGD with momentum and both clippings (the
@@ -38,24 +66,9 @@ def test_split_update_equals_the_whole_update_and_holds_an_eighth_of_the_state(d
     config = tiny_config(demo_dir)
     config.optim.optimizer, config.optim.weight_decay, config.optim.decay_biases_and_norms = optimizer, 0.1, False
     config.optim.clip_grad_norm, config.optim.clip_grad_per_param = clip, clip / 10
-    model = simclr.METHOD.build_model(config, bn_axis_name=sharding.DATA)
-    tx, _ = optim.make_optimizer(config.optim, 10, 100)
-    mesh = sharding.make_mesh()
-    example = jax.ShapeDtypeStruct((2, 2, 4000), jnp.float32)
-    views = np.random.default_rng(0).normal(size=(2, 16, 2, 4000)).astype(np.float32)
-    results = {}
-    for min_size in (None, config.optim.split_update_min_size):
-        state = init_train_state(model, tx, 0, example, mesh, split_update_min_size=min_size)
-        axes = update_sharding.split_axes(state.params, mesh.size, min_size)
-        specs = partition_specs(state, opt_specs=opt_specs(state, mesh, min_size))
-        step = make_train_step(simclr.METHOD, model, tx, mesh, simclr.SimCLRSettings(0.1), specs, update_axes=axes)
-        norms = []
-        for batch in views:
-            state, metrics = step(state, sharding.global_batch({"views": batch}, mesh), jax.random.PRNGKey(0))
-            norms.append(float(metrics["grad_norm"]))
-        results[min_size] = (axes, state, norms)
-
-    (_, whole, whole_norms), (axes, split, split_norms) = results[None], results[64]
+    whole_run, split_run = _two_steps(config, None), _two_steps(config, 64)
+    whole, split, axes = whole_run.state, split_run.state, split_run.axes
+    whole_norms, split_norms = [m["grad_norm"] for m in whole_run.metrics], [m["grad_norm"] for m in split_run.metrics]
     split_leaves = [a for a in jax.tree.leaves(axes, is_leaf=lambda x: x is None) if a is not None]
     assert len(split_leaves) >= 8  # the tiny ECAPA-TDNN's kernels
     np.testing.assert_allclose(split_norms, whole_norms, rtol=1e-5)
@@ -63,16 +76,51 @@ def test_split_update_equals_the_whole_update_and_holds_an_eighth_of_the_state(d
     for name, a, b in (("params", whole.params, split.params), ("opt_state", whole.opt_state, split.opt_state)):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7, err_msg=name)
-    # The parameters come back whole on every device; each device holds an eighth of a split leaf's moments.
+    # Each device holds an eighth of a split leaf and of its moments; a small leaf whole.
     kernel = split.params["encoder"]["mfa"]["conv"]["conv"]["kernel"]
-    assert kernel.sharding.is_fully_replicated
     moments = [x for x in jax.tree.leaves(split.opt_state) if x.shape == kernel.shape]  # Adam's mu, nu; a momentum
     assert len(moments) == (2 if optimizer == "adamw" else 1)
-    for moment in moments:
-        assert moment.sharding.spec == P(None, None, sharding.DATA)
-        assert moment.addressable_shards[0].data.shape == (1, 16, 6)
+    for leaf in (kernel, *moments):
+        assert leaf.sharding.spec == P(None, None, sharding.DATA)
+        assert leaf.addressable_shards[0].data.shape == (1, 16, 6)
+    assert split.params["encoder"]["mfa"]["conv"]["conv"]["bias"].sharding.is_fully_replicated
     # The parameters moved: the two steps did something to compare.
-    assert not np.allclose(
-        np.asarray(kernel),
-        np.asarray(init_train_state(model, tx, 0, example, mesh).params["encoder"]["mfa"]["conv"]["conv"]["kernel"]),
-    )
+    assert not np.allclose(np.asarray(kernel), split_run.first["encoder"]["mfa"]["conv"]["conv"]["kernel"])
+
+
+def test_a_bfloat16_step_gathers_the_split_parameters_in_bfloat16_and_computes_what_the_whole_one_does(demo_dir):
+    """The split kernels are gathered after their cast to the compute dtype (half the bytes of a float32
+    gather): the model gets the values its layers' own casts gave it, so two bfloat16 steps end where the
+    unsplit ones do, up to the order of the gradients' sums. (Casting the split BatchNorm vectors too moved the
+    second loss by 6e-4.)"""
+    config = tiny_config(demo_dir)
+    config.model.dtype = "bfloat16"
+    whole_run, split_run = _two_steps(config, None, seed=1), _two_steps(config, 64, seed=1)
+    whole, state, axes = whole_run.state, split_run.state, split_run.axes
+    # Every split kernel is gathered in bfloat16, none in float32 (the loss's gather of embeddings aside); a split
+    # vector (BatchNorm's, used in float32) in float32.
+    gathered = set(re.findall(r"all_gather.*?-> tensor<([^>]*)>", split_run.text))
+    split_leaves = [
+        p
+        for p, a in zip(jax.tree.leaves(state.params), jax.tree.leaves(axes, is_leaf=lambda x: x is None))
+        if a is not None
+    ]
+    kernels = {"x".join(map(str, p.shape)) for p in split_leaves if p.ndim >= 2}
+    vectors = {"x".join(map(str, p.shape)) for p in split_leaves if p.ndim == 1}
+    assert kernels and vectors
+    assert {s + "xbf16" for s in kernels} <= gathered and not {s + "xf32" for s in kernels} & gathered, gathered
+    assert {s + "xf32" for s in vectors} <= gathered, gathered
+    losses = [[m["loss"] for m in run.metrics] for run in (split_run, whole_run)]
+    np.testing.assert_allclose(*losses, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(state.params)):
+        assert y.dtype == x.dtype == jnp.float32  # the masters stay float32
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_reads_the_parameters_whole_from_a_state_that_holds_them_split(demo_dir):
+    run, state = build(tiny_config(demo_dir), sharding.make_mesh(), 64)
+    kernel = state.params["encoder"]["mfa"]["conv"]["conv"]["kernel"]
+    assert kernel.sharding.spec == P(None, None, sharding.DATA)
+    whole = run.eval_variables(state)["params"]["encoder"]["mfa"]["conv"]["conv"]["kernel"]
+    assert whole.sharding.is_fully_replicated and whole.addressable_shards[0].data.shape == kernel.shape
+    np.testing.assert_array_equal(np.asarray(whole.addressable_shards[0].data), np.asarray(kernel))

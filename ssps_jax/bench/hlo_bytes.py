@@ -334,6 +334,7 @@ def top_level(computations: dict[str, Computation]) -> list[Instruction]:
 # Where ops outside every Flax module come from, by the functions on their stack (innermost first).
 _STACK_PLACES = (
     ("optimizer", ("optax/", "apply_gradients")),
+    ("parameters' gather", ("ssps_jax/update_sharding.py",)),  # the split parameters gathered whole
     ("SSPS", ("ssps_jax/ssps/",)),
 )
 _PASSES = (("backward", "transpose("), ("forward", "jvp("))
@@ -382,8 +383,9 @@ def _stack_place(stack: list[tuple[str, str]]) -> str:
 
 
 def _category(path: str, stack: list[tuple[str, str]], where: str) -> str:
-    """front end / BatchNorm / <first module under the encoder> / pooling / loss / SSPS / optimizer / other."""
-    if where in ("optimizer", "SSPS"):
+    """front end / BatchNorm / <first module under the encoder> / pooling / loss / SSPS / optimizer / parameters'
+    gather / other."""
+    if where in ("optimizer", "parameters' gather", "SSPS"):
         return where
     if "log_mel" in path.split("/") or any(fn == "log_mel" for _, fn in stack):
         return "front end"

@@ -44,5 +44,7 @@ class WeightNormDense(nn.Module):
     @nn.compact
     def __call__(self, x):
         v = self.param("weight_v", torch_default_init, (x.shape[-1], self.features))  # (in, out)
-        w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
+        # The norm in float32 at least: in a bfloat16 step v arrives in bfloat16 (update_sharding.gather).
+        norm = jnp.linalg.norm(v.astype(jnp.promote_types(v.dtype, jnp.float32)), axis=0, keepdims=True)
+        w = v / jnp.maximum(norm, 1e-12)
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
