@@ -14,6 +14,7 @@ shardings only (no device memory), for ahead-of-time compilation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -58,10 +59,16 @@ class Run:
         """The variables evaluation embeds with (the teacher's for DINO), whole on every device: the train state
         holds its large parameters split (update_sharding.py); evaluation runs on replicated ones."""
         variables = self.method.eval_variables(state)
-        replicated = sharding.replicated(self.mesh)
         if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):  # abstract (aot.py)
+            replicated = sharding.replicated(self.mesh)
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
-        return jax.jit(lambda v: v, out_shardings=replicated)(variables)
+        return _replicated_copy(self.mesh)(variables)
+
+
+@functools.cache
+def _replicated_copy(mesh: Mesh):
+    """tree -> a copy of it whole on every device of `mesh` (jitted once per mesh; compiled once per layout)."""
+    return jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
 
 
 def build(

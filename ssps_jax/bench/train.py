@@ -192,11 +192,14 @@ def run(
 
         return call
 
+    # The reference forward alone, with the first parameters (their values do not change its time; the step's
+    # own forward reads the parameters the step gathered, a copy made here once).
+    variables = run.eval_variables(state)
     first, times = _interleaved(
         {
             "ssps_step": step_call("ssps_step", ssps_compiled),
             "plain_step": step_call("plain_step", plain_compiled),
-            "reference_embed": lambda: embed(run.eval_variables(state), batch["reference"]),
+            "reference_embed": lambda: embed(variables, batch["reference"]),
         },
         steps,
         warmup,
