@@ -1,4 +1,4 @@
-"""The large parameters split over the devices (weight-update sharding, ZeRO stage 1, and its parameters).
+"""The large parameters and their optimizer state split over the devices (ZeRO stage 1 with float32 masters).
 
 Applying the optimizer on every device to all the parameters repeats the same
 work n times: on the paper's SimCLR-SSPS step each device read the
@@ -6,9 +6,9 @@ parameters, the averaged gradients and both Adam moments of all 22.5 M
 parameters and wrote three of them back, a fifth of the step's memory
 traffic (docs/performance.md). Here each large parameter has one *split
 axis*, and the train state holds it, and its optimizer state, split along it:
-each device keeps its 1/n in float32. A step gathers the parameters whole, in
-the model's compute dtype (`gather`: bfloat16 in a bfloat16 step, half the
-bytes of a float32 gather), runs the forward and backward passes on them,
+each device keeps its 1/n in float32. A step gathers the parameters whole,
+the kernels in the model's compute dtype (`gather`: bfloat16 in a bfloat16
+step, half the bytes of a float32 gather), runs the forward and backward passes on them,
 reduce-scatters the gradients instead of all-reducing them (each device
 receives the mean of its 1/n), and updates its 1/n of the parameter and of the
 optimizer state. An all-reduce is a reduce-scatter followed by an all-gather,
@@ -38,9 +38,9 @@ own; the clipping transforms of optim.py, which take norms over a tensor or
 over all, get `split_axes` from the train step and sum the parts' squares
 over the devices (`leaf_norms`, `global_norm`).
 
-The functions below but the layouts run inside the train step's shard_map,
-over the `data` axis; `axes` is `split_axes`'s tree (an int or None per
-parameter).
+The functions below, but for the layouts (`split_axes` and the specs), run
+inside the train step's shard_map, over the `data` axis; `axes` is
+`split_axes`'s tree (an int or None per parameter).
 """
 
 from __future__ import annotations
