@@ -93,19 +93,20 @@ class SERes2NetBlock(nn.Module):
 _STD_EPS = 1e-12  # sslsv's clamp of the variance
 
 
+def _masked_logits(logits, valid):
+    """float32 logits, -inf past `valid` (masked before the exp: a product by the mask would give inf * 0)."""
+    return jnp.where(valid, logits.astype(jnp.float32), -jnp.inf)
+
+
 def _deviations_and_weights(x, logits, valid, peak):
     """float32 (x - first frame) and the unnormalised weights exp(logits - peak), zero past `valid`."""
     shift = x[:, :1].astype(jnp.float32)  # sliced before the cast: the cast of x fuses into the sums
-    if logits is None:
-        return shift, x.astype(jnp.float32) - shift, valid.astype(jnp.float32)
-    weights = jnp.exp(jnp.where(valid, logits.astype(jnp.float32), -jnp.inf) - peak)
+    weights = valid.astype(jnp.float32) if logits is None else jnp.exp(_masked_logits(logits, valid) - peak)
     return shift, x.astype(jnp.float32) - shift, weights
 
 
 def _pooled_stats_forward(x, logits, valid):
-    peak = None
-    if logits is not None:
-        peak = jnp.max(jnp.where(valid, logits.astype(jnp.float32), -jnp.inf), axis=1, keepdims=True)
+    peak = None if logits is None else jnp.max(_masked_logits(logits, valid), axis=1, keepdims=True)
     shift, d, weights = _deviations_and_weights(x, logits, valid, peak)
     total = jnp.sum(weights, axis=1)
     m1 = jnp.sum(weights * d, axis=1) / total
