@@ -58,11 +58,9 @@ class Run:
     def eval_variables(self, state: TrainState) -> dict:
         """The variables evaluation embeds with (the teacher's for DINO), whole on every device: the train state
         holds its large parameters split (update_sharding.py); evaluation runs on replicated ones."""
-        variables = self.method.eval_variables(state)
-        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):  # abstract (aot.py)
-            replicated = sharding.replicated(self.mesh)
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
-        return _replicated_copy(self.mesh)(variables)
+        variables, copy = self.method.eval_variables(state), _replicated_copy(self.mesh)
+        abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables))  # aot.py's
+        return copy.eval_shape(variables) if abstract else copy(variables)
 
 
 @functools.cache
