@@ -106,6 +106,7 @@ def build(
         init_method_state=init_method_state,
         method_specs=method.state_specs,
         split_update_min_size=split,
+        momentum_entry=method.momentum_entry,
         abstract=abstract,
     )
     ssps = SSPS.from_config(config.ssps, per_epoch, mesh)
@@ -124,7 +125,7 @@ def build(
     specs = partition_specs(
         state,
         None if state.method_state is None else method.state_specs(state.method_state),
-        split_specs(state, mesh, split),
+        split_specs(state, mesh, split, method.momentum_entry),
     )
     axes = update_sharding.split_axes(state.params, mesh.size, split)
     settings = method.settings(config, per_epoch, total)

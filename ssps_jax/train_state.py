@@ -31,11 +31,13 @@ class TrainState:
 
 
 def partition_specs(state: TrainState, method_specs: dict | None = None, split: dict | None = None) -> TrainState:
-    """Layout of every field on the mesh: all replicated but the SSPS queues, the large parameters and their
-    optimizer state as `split` says (`split_specs`; None: replicated) and the method's state as `method_specs`
-    does."""
+    """Layout of every field on the mesh: all replicated but the SSPS queues, the large parameters, their
+    optimizer state and a momentum copy of them as `split` says (`split_specs`; None: replicated) and the rest of
+    the method's state as `method_specs` does."""
     if method_specs is None and state.method_state is not None:
         method_specs = jax.tree.map(lambda _: P(), state.method_state)
+    for entry, params in ({} if split is None else split.get("momentum", {})).items():
+        method_specs = {**method_specs, entry: {**method_specs[entry], "params": params}}
     return TrainState(
         step=P(),
         params=P() if split is None else split["params"],
@@ -69,15 +71,21 @@ def from_dict(like: TrainState, fields: dict) -> TrainState:
     return like.replace(**fields)
 
 
-def split_specs(state: TrainState, mesh: Mesh, min_size: int | None) -> dict | None:
-    """{"params", "opt_state"}: the layouts of `state`'s parameters and optimizer state with the parameters of at
-    least `min_size` elements split over `mesh` (update_sharding.py); None (`min_size` None): none is."""
+def split_specs(state: TrainState, mesh: Mesh, min_size: int | None, momentum: str | None = None) -> dict | None:
+    """{"params", "opt_state"[, "momentum"]}: the layouts of `state`'s parameters and optimizer state with the
+    parameters of at least `min_size` elements split over `mesh` (update_sharding.py), and of the parameters of
+    the method-state entry `momentum` (Method.momentum_entry, a momentum copy of the model), split the same way;
+    None (`min_size` None): none is."""
     if min_size is None:
         return None
-    return {
+    specs = {
         "params": update_sharding.param_specs(state.params, mesh.size, min_size),
         "opt_state": update_sharding.opt_state_specs(state.opt_state, state.params, mesh.size, min_size),
     }
+    if momentum is not None:
+        copy = state.method_state[momentum]["params"]
+        specs["momentum"] = {momentum: update_sharding.param_specs(copy, mesh.size, min_size)}
+    return specs
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -95,13 +103,15 @@ def init_train_state(
     init_method_state: Callable[[dict], dict | None] | None = None,
     method_specs: Callable[[dict], dict] | None = None,
     split_update_min_size: int | None = None,
+    momentum_entry: str | None = None,
     abstract: bool = False,
 ) -> TrainState:
     """Initial state, created directly in its layout on `mesh` (identical on every process).
 
     `init_method_state(variables)` gives the method's own state from the freshly
     initialised {"params", "batch_stats"} (e.g. DINO's teacher, a copy of the
-    student), laid out by `method_specs` (default: replicated). `abstract`: the
+    student), laid out by `method_specs` (default: replicated) but for the parameters of its
+    `momentum_entry`, split as the model's are (`split_specs`). `abstract`: the
     state's shapes and shardings only, no device memory (ahead-of-time compilation).
     """
 
@@ -126,7 +136,7 @@ def init_train_state(
     specs = partition_specs(
         shapes,
         None if method_specs is None else method_specs(shapes.method_state),
-        split_specs(shapes, mesh, split_update_min_size),
+        split_specs(shapes, mesh, split_update_min_size, momentum_entry),
     )
     shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
     jitted = jax.jit(init, out_shardings=shardings)

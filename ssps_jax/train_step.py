@@ -4,8 +4,10 @@
 pmap's programming model: it sees its slice of the global batch, BatchNorm
 and the losses talk to the other devices through collectives over the
 `data` axis, and gradients are averaged over it (each device holds, and
-receives the mean gradient of, its part of the large parameters, which the
-step first gathers whole in the model's compute dtype: update_sharding.py).
+receives the mean gradient of, its part of the large parameters, and of a
+method's momentum copy of them, which the step first gathers whole in the
+model's compute dtype: update_sharding.py; the method's `update`, a
+teacher's EMA, works on the parts).
 `method_step` is that step for any method: the method supplies its parts
 (methods/base.py: target, forward, loss, update, and which branch is the
 positive one) and this module does the rest, the same way for all.
@@ -59,6 +61,18 @@ def apply_gradients(params, opt_state, grads, tx: optax.GradientTransformation, 
     return optax.apply_updates(params, updates), opt_state, update_sharding.global_norm(grads, axes)
 
 
+def whole_networks(method, state: TrainState, axes, dtype) -> TrainState:
+    """`state` with its split parameters, and those of the method's momentum copy of them (a teacher), whole:
+    gathered from the devices' parts, the kernels in the compute dtype `dtype` (update_sharding.gather). What the
+    method's target, forward and loss read."""
+    state = state.replace(params=update_sharding.gather(state.params, axes, dtype))
+    if (entry := method.momentum_entry) is None:
+        return state
+    copy = state.method_state[entry]
+    whole = update_sharding.gather(copy["params"], update_sharding.sub_axes(axes, copy["params"]), dtype)
+    return state.replace(method_state={**state.method_state, entry: {**copy, "params": whole}})
+
+
 def reference_and_positives(model: nn.Module, variables, state: TrainState, batch: dict, rng, ssps: SSPS):
     """y^ (the reference crop through the encoder of `variables`, inference mode), then this
     step's pseudo-positives: (y^, positives (V, n, D), replace mask (n,), diagnostics)."""
@@ -85,16 +99,14 @@ def method_step(
     """One step of `method` (a methods.base.Method) on this device's examples (call inside shard_map).
 
     `rng` is the step key shared by all devices; `ssps` is None without SSPS; `update_axes` as apply_gradients:
-    the state holds the split parameters' parts, which the step gathers in `compute_dtype` (the model's; None:
-    the parameters' own) for the model to read.
+    the state holds the split parameters' parts (and its momentum copy's), which the step gathers in
+    `compute_dtype` (the model's; None: the parameters' own) for the networks to read.
     """
     # This device's randomness (stochastic layers): the step key folded with the device index.
     device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
-    parts = state.params
+    held = state  # as the train state holds it: of a split parameter, this device's part
     if update_axes is not None:
-        # Each device holds its part of the large parameters: the model reads them whole, in its compute dtype
-        # (update_sharding.py). `state` below is the state as the method sees it, with whole parameters.
-        state = state.replace(params=update_sharding.gather(parts, update_axes, compute_dtype))
+        state = whole_networks(method, held, update_axes, compute_dtype)
     target = method.target(state, batch, model=model, settings=settings)
     metrics = {}
     if ssps is not None:
@@ -132,13 +144,11 @@ def method_step(
         state.params
     )
     # Gradients of parameters gathered in the compute dtype are in it: averaged and applied in the parameters'.
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, parts)
-    params, opt_state, grad_norm = apply_gradients(parts, state.opt_state, grads, tx, update_axes)
-    # The method's update (a teacher's EMA) reads the new parameters whole, in their own dtype: a gather that
-    # XLA drops for the methods that do not read them.
-    whole = params if update_axes is None else update_sharding.gather(params, update_axes)
-    method_state, update_metrics = method.update(state, whole, outputs, positive, target, settings=settings)
-    new_state = state.replace(
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, held.params)
+    params, opt_state, grad_norm = apply_gradients(held.params, held.opt_state, grads, tx, update_axes)
+    # The method's update (a teacher's EMA) works on the parts, of the new parameters and of the teacher's.
+    method_state, update_metrics = method.update(held, params, outputs, positive, target, settings=settings)
+    new_state = held.replace(
         step=state.step + 1,
         params=params,
         batch_stats=batch_stats,  # already identical on every device (synchronised BN)

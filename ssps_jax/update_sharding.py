@@ -38,6 +38,14 @@ own; the clipping transforms of optim.py, which take norms over a tensor or
 over all, get `split_axes` from the train step and sum the parts' squares
 over the devices (`leaf_norms`, `global_norm`).
 
+A method's momentum copy of the model (DINO's teacher, BYOL's target
+network, MoCo's key network: `Method.momentum_entry`) is held split the
+same way, its leaves having the parameters' shapes and so their split
+axes (`sub_axes`). The step gathers it as it gathers the parameters, for
+the target's forward and for y^, and its EMA runs on each device's part of
+both: a teacher is read whole only in the compute dtype, never gathered in
+float32, and its EMA reads and writes 1/n of it.
+
 The functions below, but for the layouts (`split_axes` and the specs), run
 inside the train step's shard_map, over the `data` axis; `axes` is
 `split_axes`'s tree (an int or None per parameter).
@@ -126,6 +134,12 @@ def gather(parts, axes, dtype=None):
         return lax.all_gather(p.astype(dtype) if cast else p, DATA, axis=axis, tiled=True)
 
     return _map(whole, axes, parts)
+
+
+def sub_axes(axes, modules):
+    """The split axes of `modules`, some of the parameters' top-level modules (a momentum copy of them): theirs,
+    since a leaf's split axis depends on its shape alone."""
+    return {name: axes[name] for name in modules}
 
 
 def leaf_norms(parts, axes=None):

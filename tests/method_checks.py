@@ -10,13 +10,14 @@ import optax
 import pytest
 from conftest import tiny_config
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from ssps_jax import sharding
+from ssps_jax import sharding, update_sharding
 from ssps_jax import train as train_lib
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.ssps.state import init_ssps_state
-from ssps_jax.train_state import init_train_state, partition_specs
+from ssps_jax.train_state import init_train_state, partition_specs, split_specs
 from ssps_jax.train_step import make_train_step
 
 N = 16  # global batch of the step checks: 2 examples per device on 8
@@ -41,8 +42,10 @@ def siamese_batch(rng: np.random.Generator, n: int, config) -> dict:
     }
 
 
-def _place(state, mesh, method):
-    specs = partition_specs(state, None if state.method_state is None else method.state_specs(state.method_state))
+def _place(state, mesh, method, split_min_size=None):
+    method_specs = None if state.method_state is None else method.state_specs(state.method_state)
+    split = split_specs(state, mesh, split_min_size, method.momentum_entry)
+    specs = partition_specs(state, method_specs, split)
     return jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs)), specs
 
 
@@ -96,14 +99,17 @@ def known_candidate_queues(mesh, positive_shape, ref_dim, rng, dtype=jnp.float32
 SSPS_ONE_CANDIDATE = SSPS(sampling.SamplingConfig("kmeans-repr", inter_size=0), start_epoch=1, steps_per_epoch=4)
 
 
-def step_on(method, config, model, tx, state, batch, devices: int, ssps: SSPS | None = None):
-    """(state after one step, metrics) on the first `devices` devices (a host state, laid out here)."""
+def step_on(method, config, model, tx, state, batch, devices: int, ssps: SSPS | None = None, split_min_size=None):
+    """(state after one step, metrics, the state's partition specs) on the first `devices` devices (a host state,
+    laid out here), the parameters of at least `split_min_size` elements held split (None: none is)."""
     mesh = sharding.make_mesh(jax.devices()[:devices])
-    placed, specs = _place(state, mesh, method)
+    placed, specs = _place(state, mesh, method, split_min_size)
     settings = method.settings(config, steps_per_epoch=STEPS_PER_EPOCH, total_steps=10 * STEPS_PER_EPOCH)
-    step = make_train_step(method, model, tx, mesh, settings, specs, ssps)
+    axes = update_sharding.split_axes(state.params, mesh.size, split_min_size)
+    dtype = jnp.dtype(config.model.dtype)
+    step = make_train_step(method, model, tx, mesh, settings, specs, ssps, update_axes=axes, compute_dtype=dtype)
     after, metrics = step(placed, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0))
-    return jax.device_get(after), jax.device_get(metrics)
+    return jax.device_get(after), jax.device_get(metrics), specs
 
 
 def max_diff(a, b) -> float:
@@ -126,8 +132,13 @@ def assert_8_devices_equal_1(method, config, batch, *, extra=None, loss_rtol=1e-
         if extra is not None:
             initial = extra(initial)
         batch = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in batch.items()}
-        results = {d: step_on(method, config, model, tx, initial, batch, d) for d in (8, 1)}
-    (a8, m8), (a1, m1) = results[8], results[1]
+        # On 8 devices the tiny model's kernels are held split, as the paper model's are (update_sharding.py),
+        # and so is a momentum copy of them (a teacher): its EMA runs on each device's part.
+        results = {d: step_on(method, config, model, tx, initial, batch, d, split_min_size=64) for d in (8, 1)}
+    (a8, m8, specs8), (a1, m1, _) = results[8], results[1]
+    assert _splits(specs8.params)
+    if method.momentum_entry is not None:
+        assert _splits(specs8.method_state[method.momentum_entry]["params"])
     # Float32-level agreement: the encoder rounds its pooling statistics and its output to float32 in
     # any compute dtype, so BatchNorm sums taken in another order can move a value by one float32 ulp.
     # A sharding error (a missing gather or pmean, a wrong slice) is O(1).
@@ -140,7 +151,12 @@ def assert_8_devices_equal_1(method, config, batch, *, extra=None, loss_rtol=1e-
     if initial.method_state is not None:  # an EMA of the parameters, queued embeddings, ...
         magnitude = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(a1.method_state))
         assert max_diff(a8.method_state, a1.method_state) < 1e-4 * magnitude
-    return initial, results
+    return initial, {d: (after, metrics) for d, (after, metrics, _) in results.items()}
+
+
+def _splits(specs) -> bool:
+    """Whether some leaf of a tree of partition specs is split over the data axis."""
+    return any(sharding.DATA in spec for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
 
 
 COVERED = N // 2  # anchors 32 .. 32 + COVERED - 1 have a pseudo-positive in ssps_step_on_8_devices
@@ -168,7 +184,7 @@ def ssps_step_on_8_devices(method, config, batch, *, extra=None):
     pos_index = np.array(queues.pos_index)
     pos_index[0, COVERED:] = -1  # empty rows: anchors 32 + COVERED .. have no candidate
     initial = initial.replace(step=np.int32(STEPS_PER_EPOCH + 1), ssps=queues.replace(pos_index=pos_index))
-    after, metrics = step_on(method, config, model, tx, initial, batch, 8, SSPS_ONE_CANDIDATE)
+    after, metrics, _ = step_on(method, config, model, tx, initial, batch, 8, SSPS_ONE_CANDIDATE)
     assert float(metrics["ssps/coverage"]) == COVERED / N
     # The batch's positive-branch embeddings went into block 1 (step 1 of the epoch), with their indices.
     np.testing.assert_array_equal(after.ssps.pos_index[1], batch["index"])

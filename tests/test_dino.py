@@ -1,19 +1,22 @@
 """DINO: loss against NumPy, centring / EMA / schedules by hand, optimizer rules, sharded == 1 device, SSPS."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from conftest import tiny_dino_config
+from jax.sharding import NamedSharding
 
-from ssps_jax import sharding
+from ssps_jax import sharding, update_sharding
 from ssps_jax.methods import common, dino
 from ssps_jax.optim import clip_each_by_norm
 from ssps_jax.ssps import sampling
 from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.ssps.state import init_ssps_state
-from ssps_jax.train_state import init_train_state, partition_specs
+from ssps_jax.train_state import init_train_state, partition_specs, split_specs
 from ssps_jax.train_step import make_train_step
 
 METHOD = dino.METHOD
@@ -113,7 +116,10 @@ def _batch(rng, n, config):
 
 
 def test_sharded_dino_step_equals_single_device(demo_dir):
-    """In float64: DINO's sharp teacher softmax (temperature 0.04) amplifies the float32 rounding of
+    """On 8 devices the student's kernels and the teacher's copy of them are held split (update_sharding.py):
+    the teacher is gathered for its forward, and its EMA runs on each device's part.
+
+    In float64: DINO's sharp teacher softmax (temperature 0.04) amplifies the float32 rounding of
     differently ordered reductions to ~1e-2 relative on some gradients, which would hide a real error."""
     config = tiny_dino_config(demo_dir)
     config.model.dtype = "float64"
@@ -134,9 +140,15 @@ def test_sharded_dino_step_equals_single_device(demo_dir):
         results = {}
         for devices in (8, 1):
             mesh = sharding.make_mesh(jax.devices()[:devices])
-            state = jax.device_put(initial, sharding.replicated(mesh))
-            step = make_train_step(METHOD, model, tx, mesh, settings, partition_specs(state))
+            specs = partition_specs(initial, split=split_specs(initial, mesh, 64, METHOD.momentum_entry))
+            state = jax.device_put(initial, jax.tree.map(functools.partial(NamedSharding, mesh), specs))
+            axes = update_sharding.split_axes(initial.params, mesh.size, 64)
+            step = make_train_step(
+                METHOD, model, tx, mesh, settings, specs, update_axes=axes, compute_dtype=jnp.float64
+            )
             after, metrics = step(state, sharding.global_batch(batch, mesh), jax.random.PRNGKey(0))
+            kernel = after.method_state["teacher"]["params"]["head"]["last_layer"]["weight_v"]
+            assert kernel.sharding.is_fully_replicated == (devices == 1)
             results[devices] = (jax.device_get(after), float(metrics["loss"]))
     (a8, loss8), (a1, loss1) = results[8], results[1]
     assert a1.params["head"]["last_layer"]["weight_v"].dtype == np.float64

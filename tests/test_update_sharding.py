@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, tiny_dino_config
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from data_pipelines import input_pipeline
 from ssps_jax import optim, sharding, update_sharding
 from ssps_jax.build import build
 from ssps_jax.methods import simclr
@@ -115,6 +117,36 @@ def test_a_bfloat16_step_gathers_the_split_parameters_in_bfloat16_and_computes_w
     for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(state.params)):
         assert y.dtype == x.dtype == jnp.float32  # the masters stay float32
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7)
+
+
+def test_a_teacher_is_held_split_and_gathered_in_bfloat16_like_the_student(demo_dir):
+    """DINO's teacher, a momentum copy of the model, is held split as the student is: the bfloat16 step gathers
+    each split kernel twice in bfloat16 (student, teacher) and never in float32: its EMA runs on the parts.
+    (Lowered only: the numbers are test_dino's sharded == 1 device, which holds the teacher split too.)"""
+    config = tiny_dino_config(demo_dir)
+    config.model.dtype = "bfloat16"
+    mesh = sharding.make_mesh()
+    run, state = build(config, mesh, 64, abstract=True)
+    teacher = state.method_state["teacher"]["params"]
+    assert (
+        teacher["head"]["last_layer"]["weight_v"].sharding.spec
+        == state.params["head"]["last_layer"]["weight_v"].sharding.spec
+        == P(None, sharding.DATA)
+    )
+    split = {p.shape: p for p in jax.tree.leaves(state.params) if not p.sharding.is_fully_replicated}
+    kernels = {"x".join(map(str, shape)) for shape, p in split.items() if p.ndim >= 2}
+    batch = {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(sharding.DATA)))
+        for name, (shape, dtype) in input_pipeline.batch_shapes(config.data, 16).items()
+    }
+    text = run.plain_step.lower(state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32)).as_text()
+    gathered = re.findall(r"all_gather.*?-> tensor<([^>]*)>", text)
+    assert kernels
+    for kernel in kernels:
+        assert gathered.count(kernel + "xbf16") == 2 * sum(
+            "x".join(map(str, p.shape)) == kernel for p in jax.tree.leaves(state.params) if p.ndim >= 2
+        ), kernel
+        assert kernel + "xf32" not in gathered, kernel
 
 
 def test_evaluation_reads_the_parameters_whole_from_a_state_that_holds_them_split(demo_dir):

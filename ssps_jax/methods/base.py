@@ -78,6 +78,16 @@ class Method(abc.ABC):
     # entry by its name): for the error of a checkpoint or an sslsv file of other sizes.
     sslsv_sizes: dict[str, str] = {}
 
+    @property
+    def momentum_entry(self) -> str | None:
+        """The method-state entry that is a momentum copy of the model (DINO's teacher; sslsv_momentum's), or None.
+
+        It is {"params": some of the parameters' top-level modules, "batch_stats": ...}; the train state holds its
+        parameters split as it holds the model's (update_sharding.py): `target` and `eval_variables` see them
+        whole, in the compute dtype, and `update` sees this device's parts.
+        """
+        return None if self.sslsv_momentum is None else self.sslsv_momentum[0]
+
     # -- config ------------------------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -175,7 +185,11 @@ class Method(abc.ABC):
 
     def update(self, state, params, outputs, positive, target: Target | None, *, settings) -> tuple[Any, dict]:
         """(the method state after the step, metrics that are the same on every device), given the new
-        parameters, the forward's outputs and the positive branch the loss used."""
+        parameters, the forward's outputs and the positive branch the loss used.
+
+        `params` and `state` are as the train state holds them: of a parameter split over the devices
+        (update_sharding.py), and of the momentum entry's copy of it, this device's part, in float32. So an
+        update may combine them element by element (an EMA), and nothing else."""
         del params, outputs, positive, target, settings
         return state.method_state, {}
 
