@@ -130,8 +130,19 @@ def build(
     axes = update_sharding.split_axes(state.params, mesh.size, split)
     settings = method.settings(config, per_epoch, total)
     dtype = jnp.dtype(config.model.dtype)
-    plain_step = make_train_step(method, model, tx, mesh, settings, specs, update_axes=axes, compute_dtype=dtype)
-    ssps_step = make_train_step(method, model, tx, mesh, settings, specs, ssps, axes, dtype) if ssps.enabled else None
+    step = functools.partial(
+        make_train_step,
+        method,
+        model,
+        tx,
+        mesh,
+        settings,
+        specs,
+        update_axes=axes,
+        compute_dtype=dtype,
+        reduce_in_float32=config.optim.reduce_gradients_in_float32,
+    )
+    plain_step, ssps_step = step(), step(ssps) if ssps.enabled else None
     run = Run(
         config=config,
         mesh=mesh,

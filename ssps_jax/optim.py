@@ -39,6 +39,10 @@ def default_config() -> dict:
         # gradients' sums.
         "split_update": True,
         "split_update_min_size": 1 << 16,
+        # A gradient is averaged over the devices in the dtype the step computed it in: a split kernel's, gathered
+        # in the compute dtype, in bf16 in a bf16 step (half the bytes of float32, summed in bf16); the others in
+        # float32. True: every gradient in float32, as a float32 step does (docs/performance.md, "Numerics").
+        "reduce_gradients_in_float32": False,
     }
 
 

@@ -53,8 +53,10 @@ def apply_gradients(params, opt_state, grads, tx: optax.GradientTransformation, 
     """
     if axes is None:
         axes = jax.tree.map(lambda _: None, grads)
-    # The loss is a mean over devices of per-device means: so are the gradients.
+    # The loss is a mean over devices of per-device means: so are the gradients, averaged in their own dtype (a
+    # kernel gathered in bf16 has a bf16 gradient) and applied in the parameters'.
     grads = update_sharding.mean_gradients(grads, axes)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     # The clipping transforms (optim.py) take norms of whole tensors: they sum the parts' squares over the mesh.
     tx = optax.with_extra_args_support(tx)
     updates, opt_state = tx.update(grads, opt_state, params, split_axes=axes)
@@ -95,12 +97,14 @@ def method_step(
     ssps: SSPS | None,
     update_axes=None,
     compute_dtype=None,
+    reduce_in_float32=False,
 ):
     """One step of `method` (a methods.base.Method) on this device's examples (call inside shard_map).
 
     `rng` is the step key shared by all devices; `ssps` is None without SSPS; `update_axes` as apply_gradients:
     the state holds the split parameters' parts (and its momentum copy's), which the step gathers in
-    `compute_dtype` (the model's; None: the parameters' own) for the networks to read.
+    `compute_dtype` (the model's; None: the parameters' own) for the networks to read, and averages their
+    gradients in that dtype (`reduce_in_float32`: in the parameters' dtype, float32).
     """
     # This device's randomness (stochastic layers): the step key folded with the device index.
     device_rng = jax.random.fold_in(rng, lax.axis_index(DATA))
@@ -143,8 +147,8 @@ def method_step(
     (loss, (batch_stats, outputs, positive, loss_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
-    # Gradients of parameters gathered in the compute dtype are in it: averaged and applied in the parameters'.
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, held.params)
+    if reduce_in_float32:  # else the gradients of the kernels gathered in the compute dtype are averaged in it
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, held.params)
     params, opt_state, grad_norm = apply_gradients(held.params, held.opt_state, grads, tx, update_axes)
     # The method's update (a teacher's EMA) works on the parts, of the new parameters and of the teacher's.
     method_state, update_metrics = method.update(held, params, outputs, positive, target, settings=settings)
@@ -175,12 +179,14 @@ def make_train_step(
     ssps: SSPS | None = None,
     update_axes=None,
     compute_dtype=None,
+    reduce_in_float32=False,
 ):
     """The global step of `method` (a methods.base.Method): jit(shard_map(step)); donates the input state.
 
     `update_axes`: the parameters split over the mesh (update_sharding.split_axes; None: none), as the layouts
     of the parameters and the optimizer state in `state_specs` say; the step gathers them in `compute_dtype`
-    (the model's; None: the parameters' own dtype).
+    (the model's; None: the parameters' own dtype) and averages their gradients in it (`reduce_in_float32`: in
+    the parameters' dtype; config.optim.reduce_gradients_in_float32).
     """
 
     def step(state, batch, rng):
@@ -198,6 +204,7 @@ def make_train_step(
             ssps=ssps,
             update_axes=update_axes,
             compute_dtype=compute_dtype,
+            reduce_in_float32=reduce_in_float32,
         )
 
     step.__name__ = f"{method.name}_step"  # what XLA's compile logs and profiles call the program

@@ -19,12 +19,18 @@ data-parallel training"; Rajbhandari et al. 2020, ZeRO.)
 
 Gathering kernels in the compute dtype changes no number: every layer casts
 its kernels to the compute dtype before using them (flax's promote_dtype), so
-casting before the gather gives the layers the values they had; the
-gradients, computed in the compute dtype as before, are taken back to float32
-before they are averaged. Vectors (BatchNorm's scale and bias, used in
-float32) are gathered as they are; a layer that computes with a kernel in
-float32 (models/heads.py:WeightNormDense's norm) sees its bfloat16 rounding
-in a bfloat16 step.
+casting before the gather gives the layers the values they had. Vectors
+(BatchNorm's scale and bias, used in float32) are gathered as they are; a
+layer that computes with a kernel in float32 (models/heads.py:WeightNormDense's
+norm) sees its bfloat16 rounding in a bfloat16 step.
+
+The gradients of the kernels so gathered come out of the backward pass in
+the compute dtype, and are averaged in it: a bfloat16 step reduce-scatters
+bfloat16 gradients, half the bytes, summed over the devices in bfloat16, and
+takes the mean to float32 for the update. That does change numbers, by
+bfloat16's rounding of each device's gradient and of the sums (measured in
+docs/performance.md, "Numerics"); `optim.reduce_gradients_in_float32` takes
+them to float32 first, as before. A float32 step is the same either way.
 
 A leaf is split when it has at least `optim.split_update_min_size` elements
 (64 Ki by default: smaller ones are not worth three collectives each) and an
