@@ -45,18 +45,25 @@ from ssps_jax.ssps.lifecycle import SSPS
 from ssps_jax.train_state import TrainState
 
 
-def apply_gradients(params, opt_state, grads, tx: optax.GradientTransformation, axes=None):
+def apply_gradients(params, opt_state, grads, tx: optax.GradientTransformation, axes=None, reduce_in_float32=False):
     """Averages per-device gradients over the mesh and takes one optimizer step: (params, opt_state, grad norm).
 
     `axes` (update_sharding.split_axes; None: no leaf split) says which parameters are split: of those,
-    `params` and `opt_state` hold this device's part, and so do the averaged gradients and the result.
+    `params` and `opt_state` hold this device's part, and so do the averaged gradients and the result. The
+    gradients are averaged in their own dtype (a kernel gathered in bf16 has a bf16 gradient) or, with
+    `reduce_in_float32`, in the parameters' (config.optim.reduce_gradients_in_float32), and applied in the
+    parameters'.
     """
     if axes is None:
         axes = jax.tree.map(lambda _: None, grads)
-    # The loss is a mean over devices of per-device means: so are the gradients, averaged in their own dtype (a
-    # kernel gathered in bf16 has a bf16 gradient) and applied in the parameters'.
-    grads = update_sharding.mean_gradients(grads, axes)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    def in_params_dtype(tree):
+        return jax.tree.map(lambda g, p: g.astype(p.dtype), tree, params)
+
+    if reduce_in_float32:
+        grads = in_params_dtype(grads)
+    # The loss is a mean over devices of per-device means: so are the gradients.
+    grads = in_params_dtype(update_sharding.mean_gradients(grads, axes))
     # The clipping transforms (optim.py) take norms of whole tensors: they sum the parts' squares over the mesh.
     tx = optax.with_extra_args_support(tx)
     updates, opt_state = tx.update(grads, opt_state, params, split_axes=axes)
@@ -147,9 +154,9 @@ def method_step(
     (loss, (batch_stats, outputs, positive, loss_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
-    if reduce_in_float32:  # else the gradients of the kernels gathered in the compute dtype are averaged in it
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, held.params)
-    params, opt_state, grad_norm = apply_gradients(held.params, held.opt_state, grads, tx, update_axes)
+    params, opt_state, grad_norm = apply_gradients(
+        held.params, held.opt_state, grads, tx, update_axes, reduce_in_float32
+    )
     # The method's update (a teacher's EMA) works on the parts, of the new parameters and of the teacher's.
     method_state, update_metrics = method.update(held, params, outputs, positive, target, settings=settings)
     new_state = held.replace(
