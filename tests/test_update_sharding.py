@@ -57,6 +57,13 @@ def _two_steps(config, min_size, seed=0):
     return types.SimpleNamespace(axes=axes, first=first, state=state, metrics=metrics, text=text)
 
 
+def _split_shapes(run, ndim):
+    """The shapes ("AxB", as StableHLO writes them before the dtype) of a run's split parameters of `ndim` axes
+    (2: the kernels and up; 1: the vectors)."""
+    leaves = zip(jax.tree.leaves(run.first), jax.tree.leaves(run.axes, is_leaf=lambda x: x is None))
+    return {"x".join(map(str, p.shape)) for p, a in leaves if a is not None and min(p.ndim, 2) == ndim}
+
+
 @pytest.mark.parametrize("optimizer, clip", [("adamw", 0.0), ("sgd", 0.1)])
 def test_split_update_equals_the_whole_update_and_holds_an_eighth_of_the_state(demo_dir, optimizer, clip):
     """Two steps on 8 devices with weight decay on the weights: AdamW; SGD with momentum and both clippings (the
@@ -99,17 +106,11 @@ def test_a_bfloat16_step_gathers_the_split_parameters_in_bfloat16_and_computes_w
     config = tiny_config(demo_dir)
     config.model.dtype, config.optim.reduce_gradients_in_float32 = "bfloat16", True
     whole_run, split_run = _two_steps(config, None, seed=1), _two_steps(config, 64, seed=1)
-    whole, state, axes = whole_run.state, split_run.state, split_run.axes
+    whole, state = whole_run.state, split_run.state
     # Every split kernel is gathered in bfloat16, none in float32 (the loss's gather of embeddings aside); a split
     # vector (BatchNorm's, used in float32) in float32.
     gathered = set(re.findall(r"all_gather.*?-> tensor<([^>]*)>", split_run.text))
-    split_leaves = [
-        p
-        for p, a in zip(jax.tree.leaves(state.params), jax.tree.leaves(axes, is_leaf=lambda x: x is None))
-        if a is not None
-    ]
-    kernels = {"x".join(map(str, p.shape)) for p in split_leaves if p.ndim >= 2}
-    vectors = {"x".join(map(str, p.shape)) for p in split_leaves if p.ndim == 1}
+    kernels, vectors = _split_shapes(split_run, 2), _split_shapes(split_run, 1)
     assert kernels and vectors
     assert {s + "xbf16" for s in kernels} <= gathered and not {s + "xf32" for s in kernels} & gathered, gathered
     assert {s + "xf32" for s in vectors} <= gathered, gathered
@@ -131,11 +132,8 @@ def test_a_bfloat16_step_averages_the_gathered_kernels_gradients_in_bfloat16_clo
     wide = _two_steps(config, 64, seed=2)
     config.optim.reduce_gradients_in_float32 = False
     narrow = _two_steps(config, 64, seed=2)
-    kernels = {
-        "x".join(map(str, p.shape))
-        for p, a in zip(jax.tree.leaves(narrow.first), jax.tree.leaves(narrow.axes, is_leaf=lambda x: x is None))
-        if a is not None and p.ndim >= 2
-    }
+    kernels = _split_shapes(narrow, 2)
+    assert kernels
 
     def reduced(run):
         """The whole shapes and dtypes of the reduce-scattered arrays."""
