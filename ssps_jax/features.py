@@ -95,20 +95,30 @@ def mel_energies_fft(padded: jnp.ndarray, config: LogMelConfig, frames: int) -> 
 
 
 def mel_energies_conv(padded: jnp.ndarray, config: LogMelConfig, frames: int) -> jnp.ndarray:
-    """The same as `mel_energies_fft`, as one strided convolution with `dft_filters` (accelerators' way).
+    """The same as `mel_energies_fft`, as one convolution with `dft_filters` (accelerators' way).
 
     No (B, T, n_fft) frame array is gathered, transposed or stored, which an
     FFT needs: on a TPU this moves a sixth of the bytes for as many FLOPs (XLA:TPU
-    computes FFTs as matrix products), docs/performance.md. At full float32
-    precision on every backend (a TPU's default would round the frames to bfloat16).
+    computes FFTs as matrix products), docs/performance.md. The waveform is cut
+    into hops, (B, n / hop, hop), and the window spans `ceil(win_length / hop)`
+    of them (the taps past the window are zero): a stride-1 convolution with
+    `hop` input channels. (A strided convolution of the waveform as one channel
+    is the same sum, but a TPU lays a 1-wide channel axis out in 128-lane
+    tiles: 128x the waveform's bytes.) At full float32 precision on every
+    backend (a TPU's default would round the frames to bfloat16).
     """
-    left = (config.n_fft - config.win_length) // 2  # the window's zero taps are left out
-    padded = padded[:, left : left + (frames - 1) * config.hop_length + config.win_length]
+    hop = config.hop_length
     filters, bank = dft_filters(config)
+    blocks = -(-config.win_length // hop)
+    filters = np.pad(filters[:, 0], ((0, blocks * hop - config.win_length), (0, 0)))
+    left = (config.n_fft - config.win_length) // 2  # the window's zero taps are left out
+    need = (frames - 1 + blocks) * hop
+    padded = padded[:, left : left + need]
+    padded = jnp.pad(padded, ((0, 0), (0, need - padded.shape[1])))  # zeros under the zero taps only
     spectrum = lax.conv_general_dilated(
-        padded[..., None],
-        filters,
-        window_strides=(config.hop_length,),
+        padded.reshape(padded.shape[0], -1, hop),
+        filters.reshape(blocks, hop, -1),
+        window_strides=(1,),
         padding="VALID",
         dimension_numbers=("NWC", "WIO", "NWC"),
         precision=lax.Precision.HIGHEST,

@@ -79,8 +79,9 @@ def test_reflect_pad_with_lengths_reflects_at_each_end():
 
 @pytest.mark.parametrize(
     "config",
-    [LogMelConfig(), LogMelConfig(n_mels=80, window="hann", win_length=401)],
-    ids=["40-hamming", "80-hann-401"],
+    # 400 taps: 3 hops of 160, zeros past the waveform's padding; 401: a partial hop; 320: 2 whole hops.
+    [LogMelConfig(), LogMelConfig(n_mels=80, window="hann", win_length=401), LogMelConfig(win_length=320)],
+    ids=["40-hamming", "80-hann-401", "40-hamming-320"],
 )
 def test_dft_convolution_equals_the_fft_of_the_frames(config):
     """The accelerators' STFT (a strided convolution with the windowed DFT) against the CPU's (FFT of frames)."""
