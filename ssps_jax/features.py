@@ -103,9 +103,10 @@ def mel_energies_conv(padded: jnp.ndarray, config: LogMelConfig, frames: int) ->
     into hops, (B, n / hop, hop), and the window spans `ceil(win_length / hop)`
     of them (the taps past the window are zero): a stride-1 convolution with
     `hop` input channels. (A strided convolution of the waveform as one channel
-    is the same sum, but a TPU lays a 1-wide channel axis out in 128-lane
-    tiles: 128x the waveform's bytes.) At full float32 precision on every
-    backend (a TPU's default would round the frames to bfloat16).
+    is the same sum, but XLA:TPU copies a 1-wide channel axis into tiled
+    layouts: 9x the waveform's bytes in the paper's SimCLR-SSPS step.) At
+    full float32 precision on every backend (a TPU's default would round the
+    frames to bfloat16).
     """
     hop = config.hop_length
     filters, bank = dft_filters(config)
