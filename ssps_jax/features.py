@@ -67,7 +67,7 @@ def mel_filterbank(config: LogMelConfig) -> np.ndarray:
 def dft_filters(config: LogMelConfig) -> tuple[np.ndarray, np.ndarray]:
     """The windowed real DFT as convolution filters, and the mel filterbank that sums their squares.
 
-    Filters (win_length, 1, n_fft): the cosine of bins 0 .. n_fft / 2 (the real
+    Filters (win_length, n_fft): the cosine of bins 0 .. n_fft / 2 (the real
     parts), then the sine of bins 1 .. n_fft / 2 - 1 (the imaginary parts; those
     of bin 0 and of the Nyquist bin are zero), each times the window's non-zero
     taps: n_fft output channels, a whole number of a TPU's 128-lane tiles.
@@ -82,7 +82,7 @@ def dft_filters(config: LogMelConfig) -> tuple[np.ndarray, np.ndarray]:
     cos = np.cos(2 * np.pi * (taps * cos_bins % config.n_fft) / config.n_fft)
     sin = np.sin(2 * np.pi * (taps * sin_bins % config.n_fft) / config.n_fft)
     w = window(config).astype(np.float64)[left : left + config.win_length, None]
-    filters = np.concatenate([w * cos, w * sin], axis=1)[:, None, :]
+    filters = np.concatenate([w * cos, w * sin], axis=1)
     fb = mel_filterbank(config)
     return filters.astype(np.float32), np.concatenate([fb, fb[1:bins]], axis=0)
 
@@ -111,7 +111,7 @@ def mel_energies_conv(padded: jnp.ndarray, config: LogMelConfig, frames: int) ->
     hop = config.hop_length
     filters, bank = dft_filters(config)
     blocks = -(-config.win_length // hop)
-    filters = np.pad(filters[:, 0], ((0, blocks * hop - config.win_length), (0, 0)))
+    filters = np.pad(filters, ((0, blocks * hop - config.win_length), (0, 0)))
     left = (config.n_fft - config.win_length) // 2  # the window's zero taps are left out
     need = (frames - 1 + blocks) * hop
     padded = padded[:, left : left + need]
@@ -134,7 +134,7 @@ def log_mel(
 
     Always computed in float32, whatever the model's compute dtype. The power
     spectrum is an FFT of gathered frames on CPUs (where an FFT's n log n
-    beats a DFT's n^2 FLOPs) and a strided DFT convolution on accelerators
+    beats a DFT's n^2 FLOPs) and a DFT convolution over hops on accelerators
     (where bytes, not FLOPs, bound it): the choice is made when the program is
     lowered for its platform (`lax.platform_dependent`).
     """

@@ -84,7 +84,7 @@ def test_reflect_pad_with_lengths_reflects_at_each_end():
     ids=["40-hamming", "80-hann-401", "40-hamming-320"],
 )
 def test_dft_convolution_equals_the_fft_of_the_frames(config):
-    """The accelerators' STFT (a strided convolution with the windowed DFT) against the CPU's (FFT of frames)."""
+    """The accelerators' STFT (the windowed DFT as a convolution over hops) against the CPU's (FFT of frames)."""
     rng = np.random.default_rng(3)
     wave = (0.1 * rng.normal(size=(3, 8000)) * np.linspace(0, 2, 8000)).astype(np.float32)
     frames = num_frames(wave.shape[1], config.hop_length)
@@ -94,4 +94,4 @@ def test_dft_convolution_equals_the_fft_of_the_frames(config):
     assert conv.shape == fft.shape == (3, frames, config.n_mels)
     np.testing.assert_allclose(conv, fft, rtol=2e-5, atol=1e-6 * float(jnp.max(fft)))
     filters, bank = features.dft_filters(config)
-    assert filters.shape == (config.win_length, 1, config.n_fft) and bank.shape == (config.n_fft, config.n_mels)
+    assert filters.shape == (config.win_length, config.n_fft) and bank.shape == (config.n_fft, config.n_mels)
